@@ -1,0 +1,116 @@
+"""mnist-pipeline's command line: parse arguments, load the config, start or join Ray, run the pipeline.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (arguments, config, data), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from stages.errors import BadInputError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-pipeline",
+        description="Download, preprocess, tune (Ray Tune) and evaluate the classic MNIST CNN.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config_arguments(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--config", type=Path, metavar="FILE", help="YAML config (default: built-in defaults)")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override one setting, value parsed as YAML (e.g. --set train.epochs=2); repeatable",
+        )
+        command.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+        command.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+        command.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+    run = commands.add_parser("run", help="run the whole pipeline")
+    add_config_arguments(run)
+    run.add_argument(
+        "--address", metavar="ADDRESS",
+        help="join a running Ray cluster ('auto' or HOST:PORT) instead of starting a local Ray",
+    )
+    run.add_argument("--run-id", metavar="ID", help="name of the run folder (default: a new timestamped id)")
+
+    show = commands.add_parser("config", help="print the resolved config (file + overrides) and exit")
+    add_config_arguments(show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    try:
+        return _dispatch(args)
+    except PipelineError as error:
+        if args.debug:
+            log.exception("failed")
+        print(f"mnist-pipeline: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("mnist-pipeline: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug or an environment problem: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"mnist-pipeline: error: {type(error).__name__}: {_first_line(error)} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "run_id", None):
+        overrides.append(f"run.id={json.dumps(args.run_id)}")  # JSON quoting: the id stays a string
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={json.dumps(args.address)}")
+    config = load_config(args.config, overrides)
+    if args.command == "config":
+        print(config.to_yaml(), end="")
+        return 0
+    return _run(config)
+
+
+def _run(config) -> int:
+    from pipeline.run_folder import create_run_folder
+    from pipeline.runner import check_resources, format_summary, ray_session, run_pipeline
+
+    if config.ray.address is None and config.ray.num_cpus is not None:
+        if config.train.cpus_per_trial > config.ray.num_cpus:
+            raise BadInputError(
+                f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds ray.num_cpus={config.ray.num_cpus}"
+            )
+    run = create_run_folder(config.run.root, config.run.id)
+    run.config_file.write_text(config.to_yaml())
+    file_log = logging.FileHandler(run.log_file)
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    log.info("run %s: artifacts in %s", run.run_id, run.path)
+    with ray_session(config) as dashboard:
+        if dashboard:
+            log.info("Ray dashboard: %s", dashboard)
+        check_resources(config)
+        summary = run_pipeline(config, run)
+    print(format_summary(summary))
+    return 0
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,165 @@
+"""Runs the four stages in order on Ray, times them, and writes the run's summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import ray
+
+from pipeline.config import Config
+from pipeline.run_folder import RunFolder
+from pipeline.tasks import SplitRefs, download_task, evaluate_task, preprocess_task, train_task
+from stages.atomic import write_json
+from stages.errors import BadInputError, PipelineError, QualityGateError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("download", "preprocess", "train", "evaluate")
+
+# Quiet TensorFlow's C++ start-up chatter in every worker unless the user asked for it.
+_WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    folder: str
+    metrics: dict[str, Any]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def ray_session(config: Config, address: str | None = None) -> Iterator[str | None]:
+    """Starts a local Ray for the run (no address) or joins a cluster; yields the dashboard URL, if any.
+
+    A Ray this function started is shut down afterwards; a cluster it joined is left running.
+    """
+    address = address or config.ray.address
+    runtime_env = {"env_vars": _WORKER_ENV}
+    if address is None:
+        context = ray.init(
+            address="local",  # never join whatever RAY_ADDRESS points at: no address means a Ray of our own
+            num_cpus=config.ray.num_cpus,
+            num_gpus=config.ray.num_gpus,
+            include_dashboard=config.ray.include_dashboard,
+            dashboard_host=config.ray.dashboard_host,
+            dashboard_port=config.ray.dashboard_port,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+        )
+    else:
+        context = ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    try:
+        url = context.dashboard_url
+        yield f"http://{url}" if url else None
+    finally:
+        ray.shutdown()
+
+
+def check_resources(config: Config) -> None:
+    """Refuses trials that no node of the cluster could ever run, instead of leaving them pending forever."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    wanted = {"CPU": config.train.cpus_per_trial, "GPU": config.train.gpus_per_trial}
+    for resource, amount in wanted.items():
+        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        if amount > largest:
+            key = f"train.{resource.lower()}s_per_trial"
+            raise BadInputError(f"{key}={amount:g} but the largest node offers {largest:g} {resource}s")
+
+
+def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
+    """download → preprocess → train → evaluate, each a Ray task; artifacts go to `run`.
+
+    Raises:
+      PipelineError: a stage failed in a way worth one line, or the quality gate was not met.
+    """
+    level = logging.getLogger().getEffectiveLevel()
+    seconds: dict[str, float] = {}
+    with _stage("download", seconds):
+        raw = _get(download_task.remote(config.data, level))
+    with _stage("preprocess", seconds):
+        train_ref, validation_ref, test_ref, manifest_ref = preprocess_task.remote(
+            raw, config.data, config.run.seed, str(run.data_dir), level
+        )
+        _get(manifest_ref)
+    with _stage("train", seconds):
+        splits = SplitRefs(train=train_ref, validation=validation_ref, test=test_ref)
+        outcome = _get(
+            train_task.remote(splits, config.model, config.train, config.run.seed, str(run.path), level)
+        )
+    with _stage("evaluate", seconds):
+        metrics = _get(
+            evaluate_task.remote(
+                outcome, test_ref, config.evaluate, str(run.model_dir), str(run.metrics_file), level
+            )
+        )
+    summary = RunSummary(run.run_id, str(run.path), metrics, seconds)
+    write_json(run.summary_file, {
+        "run_id": summary.run_id,
+        "val_accuracy": metrics["val_accuracy"],
+        "test_accuracy": metrics["test_accuracy"],
+        "best_trial_id": metrics["best_trial_id"],
+        "hyperparameters": metrics["hyperparameters"],
+        "stage_seconds": seconds,
+        "trials": len(metrics["trials"]),
+        "failed_trials": [t["trial_id"] for t in metrics["trials"] if t["status"] == "ERROR"],
+    })
+    gate = config.evaluate.min_test_accuracy
+    if gate is not None and metrics["test_accuracy"] < gate:
+        raise QualityGateError(
+            f"test accuracy {metrics['test_accuracy']:.4f} is below evaluate.min_test_accuracy={gate} "
+            f"(artifacts kept in {run.path})"
+        )
+    return summary
+
+
+def format_summary(summary: RunSummary) -> str:
+    metrics = summary.metrics
+    hyperparameters = ", ".join(f"{k}={_short(v)}" for k, v in metrics["hyperparameters"].items())
+    failed = [t["trial_id"] for t in metrics["trials"] if t["status"] == "ERROR"]
+    times = ", ".join(f"{stage} {_duration(summary.stage_seconds[stage])}" for stage in STAGES)
+    lines = [
+        f"run {summary.run_id} finished in {_duration(sum(summary.stage_seconds.values()))}",
+        f"  best trial:      {metrics['best_trial_id']} (epoch {metrics['best_epoch']}) "
+        f"of {len(metrics['trials'])} trials" + (f"; failed: {', '.join(failed)}" if failed else ""),
+        f"  hyperparameters: {hyperparameters}",
+        f"  val accuracy:    {metrics['val_accuracy']:.4f}",
+        f"  test accuracy:   {metrics['test_accuracy']:.4f} (loss {metrics['test_loss']:.4f}, "
+        f"{metrics['test_images']} images)",
+        f"  stage times:     {times}",
+        f"  artifacts:       {summary.folder}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
+    ]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    log.info("stage %s: started", name)
+    started = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - started, 2)
+    log.info("stage %s: done in %s", name, _duration(seconds[name]))
+
+
+def _get(ref):
+    """ray.get, re-raising a stage's PipelineError as itself instead of wrapped in a RayTaskError."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause
+        if isinstance(cause, PipelineError):
+            raise cause from None
+        raise
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:02.0f}s"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

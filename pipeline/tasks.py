@@ -1,0 +1,109 @@
+"""The stages as Ray tasks: the one place where stage functions meet Ray.
+
+Each task sets up logging in its worker, calls its stage, and writes the stage's artifacts into the run folder.
+Large arrays travel as ObjectRefs: preprocess returns each split as its own object, the train task hands the refs
+to Tune untouched, so every trial reads the one copy in the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.config import DataSection, EvaluateSection
+from stages.hyperparameters import Hyperparameters
+from stages.train_settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitRefs:
+    """ObjectRefs to the splits. Wrapped so that Ray passes the refs themselves instead of resolving them."""
+
+    train: ray.ObjectRef
+    validation: ray.ObjectRef
+    test: ray.ObjectRef
+
+
+def _worker_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+
+
+@ray.remote(num_cpus=1)
+def download_task(data: DataSection, log_level: int):
+    from stages.download import download
+
+    _worker_logging(log_level)
+    return download(
+        data.mirrors, Path(data.cache_dir).expanduser(), retries=data.retries, timeout_s=data.timeout_s
+    )
+
+
+@ray.remote(num_cpus=1, num_returns=4)
+def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level: int):
+    from stages.preprocess import manifest, preprocess, save_splits
+
+    _worker_logging(log_level)
+    splits = preprocess(
+        raw,
+        validation_size=data.validation_size,
+        seed=seed,
+        max_train_images=data.max_train_images,
+        max_test_images=data.max_test_images,
+    )
+    info = manifest(splits, raw, validation_size=data.validation_size, seed=seed)
+    save_splits(splits, info, Path(data_dir))
+    log.info(
+        "dataset: %d train, %d validation, %d test images -> %s",
+        len(splits.train), len(splits.validation), len(splits.test), data_dir,
+    )
+    return splits.train, splits.validation, splits.test, info
+
+
+# The train task only drives Tune; the trials it starts reserve the CPUs and GPUs.
+@ray.remote(num_cpus=0)
+def train_task(
+    splits: SplitRefs, model: Hyperparameters, settings: TrainSettings, seed: int, storage_path: str, log_level: int
+):
+    from stages.train import train
+
+    _worker_logging(log_level)
+    return train(
+        splits.train,
+        splits.validation,
+        base=model,
+        settings=settings,
+        storage_path=storage_path,
+        seed=seed,
+    )
+
+
+@ray.remote(num_cpus=1)
+def evaluate_task(
+    outcome, test, settings: EvaluateSection, model_dir: str, metrics_file: str, log_level: int
+) -> dict[str, Any]:
+    from stages.atomic import write_json
+    from stages.evaluate import evaluate, export_model
+    from stages.trial import configure_tensorflow
+
+    _worker_logging(log_level)
+    configure_tensorflow(1)
+    model, evaluation = evaluate(Path(outcome.best_checkpoint), test, batch_size=settings.batch_size)
+    exported = export_model(model, outcome.best_hyperparameters, Path(model_dir))
+    metrics = {
+        "val_accuracy": outcome.best_val_accuracy,
+        **evaluation.as_dict(),
+        "best_trial_id": outcome.best_trial_id,
+        "best_epoch": outcome.best_epoch,
+        "hyperparameters": outcome.best_hyperparameters,
+        "checkpoint": outcome.best_checkpoint,
+        "model": str(exported),
+        "trials": [asdict(trial) for trial in outcome.trials],
+    }
+    write_json(Path(metrics_file), metrics)
+    return metrics

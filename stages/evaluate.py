@@ -1,0 +1,103 @@
+"""evaluate: the best checkpoint on the test set (its only use), and the exported model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.atomic import atomic_path, write_json
+from stages.idx import NUM_CLASSES
+from stages.preprocess import LabeledImages
+
+EXPORTED_MODEL = "model.keras"
+EXPORTED_HYPERPARAMETERS = "hyperparameters.json"
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    digit: int
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    test_accuracy: float
+    test_loss: float
+    test_images: int
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]]  # rows: true digit, columns: predicted digit
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
+    """Loads the checkpointed model and measures it on the test set.
+
+    Args:
+      checkpoint: a trial checkpoint folder holding model.keras.
+      test: the test split.
+      batch_size: images per prediction step.
+
+    Returns:
+      (the loaded Keras model, its Evaluation).
+    """
+    import keras
+
+    model = keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True)
+    probabilities = model.predict(test.images, batch_size=batch_size, verbose=0)
+    return model, score(probabilities, test.labels)
+
+
+def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """Accuracy, mean cross-entropy, per-class precision/recall/F1 and the confusion matrix of predictions."""
+    labels = labels.astype(np.int64)
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
+    true_positives = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted_count = confusion.sum(axis=0)
+    precision = _safe_divide(true_positives, predicted_count)
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    picked = probabilities[np.arange(len(labels)), labels]
+    loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    return Evaluation(
+        test_accuracy=float(true_positives.sum() / max(len(labels), 1)),
+        test_loss=loss,
+        test_images=int(len(labels)),
+        per_class=[
+            ClassMetrics(digit, float(precision[digit]), float(recall[digit]), float(f1[digit]), int(support[digit]))
+            for digit in range(NUM_CLASSES)
+        ],
+        confusion_matrix=confusion.tolist(),
+    )
+
+
+def export_model(model, hyperparameters: dict, folder: Path) -> Path:
+    """Writes `model.keras` (weights and architecture, without optimizer state) and `hyperparameters.json`.
+
+    Returns:
+      The path of the exported model.
+    """
+    import keras
+
+    inference_model = keras.models.clone_model(model)
+    inference_model.set_weights(model.get_weights())
+    inference_model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    target = folder / EXPORTED_MODEL
+    with atomic_path(target) as temp:
+        inference_model.save(temp)
+    write_json(folder / EXPORTED_HYPERPARAMETERS, hyperparameters)
+    return target
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)

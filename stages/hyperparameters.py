@@ -1,0 +1,28 @@
+"""The hyperparameters of one trial: the classic MNIST CNN's settings are the defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Hyperparameters(BaseModel):
+    """Everything that defines one trial's model and training; Tune searches over any of these fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    conv1_filters: int = Field(32, ge=1, le=1024, description="filters of the first 5x5 convolution")
+    conv2_filters: int = Field(64, ge=1, le=1024, description="filters of the second 5x5 convolution")
+    kernel_size: int = Field(5, ge=1, le=13, description="side of both convolution kernels")
+    dense_units: int = Field(1024, ge=1, le=16384, description="units of the hidden dense layer")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout rate before each dense layer")
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = Field(
+        "adam", description="adam, adamw, sgd (Nesterov momentum 0.9) or rmsprop"
+    )
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="initial learning rate")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine decay to zero over train.epochs"
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="decoupled weight decay of the optimizer (0: none)")
+    batch_size: int = Field(128, ge=1, le=65536, description="images per training step")

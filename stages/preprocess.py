@@ -1,0 +1,144 @@
+"""preprocess: parse the IDX files, validate them, and make a deterministic, stratified train/validation split.
+
+Pixels stay uint8 (the model scales them), so the dataset is a quarter of the size of float32 and goes into Ray's
+object store as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.atomic import atomic_file, write_json
+from stages.download import RawFiles
+from stages.errors import BadInputError
+from stages.idx import NUM_CLASSES, read_labeled_images
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Images (n, 28, 28) uint8 and their labels (n,) uint8."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(self.labels, minlength=NUM_CLASSES).tolist()
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Training and validation come from MNIST's training file; test is MNIST's test file, untouched until evaluate."""
+
+    train: LabeledImages
+    validation: LabeledImages
+    test: LabeledImages
+
+
+def preprocess(
+    raw: RawFiles,
+    *,
+    validation_size: int = 5000,
+    seed: int = 0,
+    max_train_images: int | None = None,
+    max_test_images: int | None = None,
+) -> Splits:
+    """Reads the four IDX files and splits MNIST's training set into train and validation.
+
+    Args:
+      raw: the verified IDX files.
+      validation_size: images held out of training for Tune to rank trials by; stratified by class.
+      seed: seeds the split; the same seed and inputs always give the same split.
+      max_train_images: use only the first N images of the training file (quick runs and tests).
+      max_test_images: use only the first N images of the test file.
+
+    Returns:
+      The three splits.
+
+    Raises:
+      DataError: a file is malformed.
+      BadInputError: the sizes asked for do not fit the data.
+    """
+    images, labels = read_labeled_images(raw.train_images, raw.train_labels)
+    test_images, test_labels = read_labeled_images(raw.test_images, raw.test_labels)
+    images, labels = images[:max_train_images], labels[:max_train_images]
+    test = LabeledImages(test_images[:max_test_images], test_labels[:max_test_images])
+    if not 0 < validation_size < len(labels):
+        raise BadInputError(
+            f"data.validation_size={validation_size} must be between 1 and {len(labels) - 1} "
+            f"(the training images available)"
+        )
+    train_index, validation_index = stratified_split(labels, validation_size, seed)
+    return Splits(
+        train=LabeledImages(images[train_index], labels[train_index]),
+        validation=LabeledImages(images[validation_index], labels[validation_index]),
+        test=test,
+    )
+
+
+def stratified_split(labels: np.ndarray, holdout_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits indices into (kept, held out) so that every class is held out in proportion to its frequency.
+
+    Each class gets floor(share) held-out places; the remaining places go to the classes with the largest
+    remainders, so the held-out set has exactly `holdout_size` indices. Both index arrays are sorted.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    shares = counts * holdout_size / len(labels)
+    quotas = np.floor(shares).astype(int)
+    leftover = holdout_size - quotas.sum()
+    quotas[np.argsort(-(shares - quotas), kind="stable")[:leftover]] += 1
+    held_out = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == digit))[:quota] for digit, quota in enumerate(quotas)]
+    )
+    held_out.sort()
+    kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
+    return kept, held_out
+
+
+def manifest(splits: Splits, raw: RawFiles, *, validation_size: int, seed: int) -> dict:
+    """What the dataset is, for people and for later runs deciding whether it can be reused."""
+    return {
+        "format": "npz of uint8 arrays: {split}_images (n, 28, 28), {split}_labels (n,)",
+        "seed": seed,
+        "validation_size": validation_size,
+        "source_sha256": raw.sha256,
+        "splits": {
+            name: {"shape": list(split.images.shape), "class_counts": split.class_counts()}
+            for name, split in _named(splits)
+        },
+    }
+
+
+def save_splits(splits: Splits, info: dict, folder: Path) -> Path:
+    """Writes `dataset.npz` and `manifest.json` into `folder`, each atomically; returns the dataset's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name, split in _named(splits):
+        arrays[f"{name}_images"] = split.images
+        arrays[f"{name}_labels"] = split.labels
+    dataset = folder / "dataset.npz"
+    with atomic_file(dataset) as f:
+        np.savez(f, **arrays)
+    write_json(folder / "manifest.json", info)
+    return dataset
+
+
+def load_splits(dataset: Path) -> Splits:
+    """Reads what `save_splits` wrote."""
+    with np.load(dataset, allow_pickle=False) as arrays:
+        return Splits(
+            **{name: LabeledImages(arrays[f"{name}_images"], arrays[f"{name}_labels"]) for name in _SPLIT_NAMES}
+        )
+
+
+_SPLIT_NAMES = ("train", "validation", "test")
+
+
+def _named(splits: Splits):
+    return [(name, getattr(splits, name)) for name in _SPLIT_NAMES]

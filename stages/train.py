@@ -1,0 +1,170 @@
+"""train: a Ray Tune experiment over the CNN's hyperparameters, ranked by validation accuracy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from stages.errors import TrainingError
+from stages.hyperparameters import Hyperparameters
+from stages.preprocess import LabeledImages
+from stages.train_settings import TrainSettings
+from stages.trial import run_trial
+
+log = logging.getLogger(__name__)
+
+METRIC, MODE = "val_accuracy", "max"
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """What one trial did."""
+
+    trial_id: str
+    status: str  # TERMINATED (finished or stopped early by the scheduler) or ERROR
+    hyperparameters: dict[str, Any]
+    epochs: int
+    best_val_accuracy: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TuneOutcome:
+    """The experiment's result: where the winning checkpoint is and how every trial did."""
+
+    best_trial_id: str
+    best_hyperparameters: dict[str, Any]
+    best_val_accuracy: float
+    best_epoch: int
+    best_checkpoint: str  # a folder holding model.keras and state.json
+    experiment_path: str
+    trials: list[TrialSummary] = field(default_factory=list)
+
+
+def train(
+    train_data: LabeledImages | Any,
+    validation_data: LabeledImages | Any,
+    *,
+    base: Hyperparameters,
+    settings: TrainSettings,
+    storage_path: str,
+    experiment_name: str = "tune",
+    seed: int = 0,
+) -> TuneOutcome:
+    """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
+
+    Args:
+      train_data, validation_data: the splits, or Ray ObjectRefs to them (then they are not put into the object
+        store again: every trial reads the same copy).
+      base: hyperparameters of every trial before the search space overrides some of them.
+      settings: the experiment (trials, scheduler, resources, search space).
+      storage_path: Tune's storage_path (absolute path or URI); the experiment goes to {storage_path}/{name}.
+      experiment_name: the experiment's folder name.
+      seed: seeds sampling and each trial's initialisation and shuffling.
+
+    Returns:
+      The best trial's checkpoint and a summary of every trial.
+
+    Raises:
+      TrainingError: no trial produced a checkpoint.
+    """
+    trainable = tune.with_parameters(
+        run_trial,
+        train_data=train_data,
+        validation_data=validation_data,
+        epochs=settings.epochs,
+        cpus=settings.cpus_per_trial,
+        seed=seed,
+        mixed_precision=settings.mixed_precision,
+    )
+    trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=settings.param_space(base),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials,
+            scheduler=_scheduler(settings),
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=[base.model_dump()] if settings.include_base_trial else None,
+                random_state=seed,
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=experiment_name,
+            storage_path=storage_path,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=settings.checkpoints_to_keep,
+                checkpoint_score_attribute=METRIC,
+                checkpoint_score_order=MODE,
+            ),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            verbose=1,  # the trial table as it changes; per-trial result boxes would drown it
+        ),
+    )
+    results = tuner.fit()
+    return summarize(results, experiment_path=results.experiment_path)
+
+
+def _scheduler(settings: TrainSettings):
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=settings.epochs,
+        grace_period=min(settings.grace_period, settings.epochs),
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
+    """Ranks trials by their best validation accuracy; errored trials are listed but never chosen."""
+    trials, candidates = [], []
+    for result in results:
+        history = result.metrics_dataframe
+        has_history = history is not None and METRIC in history
+        best = float(history[METRIC].max()) if has_history else None
+        trial_id = (result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1]
+        trials.append(
+            TrialSummary(
+                trial_id=trial_id,
+                status="ERROR" if result.error else "TERMINATED",
+                hyperparameters={k: _plain(v) for k, v in (result.config or {}).items()},
+                epochs=int(history["epoch"].max()) if has_history else 0,
+                best_val_accuracy=best,
+                error=_one_line(result.error) if result.error else None,
+            )
+        )
+        checkpoint = result.get_best_checkpoint(METRIC, MODE) if best is not None and not result.error else None
+        if checkpoint is not None:
+            candidates.append((best, trials[-1], checkpoint, history))
+    if not candidates:
+        reasons = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported a checkpoint"
+        raise TrainingError(f"no trial finished with a usable checkpoint ({reasons})")
+    best, trial, checkpoint, history = max(candidates, key=lambda candidate: candidate[0])
+    best_epoch = int(history.loc[history[METRIC].idxmax(), "epoch"])
+    return TuneOutcome(
+        best_trial_id=trial.trial_id,
+        best_hyperparameters=trial.hyperparameters,
+        best_val_accuracy=best,
+        best_epoch=best_epoch,
+        best_checkpoint=checkpoint.path,
+        experiment_path=experiment_path,
+        trials=trials,
+    )
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
