@@ -111,12 +111,15 @@ class Config(BaseModel):
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
-    """Reads `path` (or starts from the defaults), applies `key=value` overrides, and validates the result.
+    """Merges `path` onto the defaults, applies `key=value` overrides, and validates the result.
+
+    Sections merge key by key, and so does `train.search_space` (an entry set to null is removed); any other
+    value, a list included, replaces the default.
 
     Raises:
       BadInputError: the file cannot be read or parsed, an override is malformed, or any value is invalid.
     """
-    raw: dict[str, Any] = {}
+    raw = to_plain(Config())
     where = "defaults"
     if path is not None:
         where = str(path)
@@ -126,15 +129,28 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
             raise BadInputError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as error:
             raise BadInputError(f"cannot read config file {path}: {error}") from None
-        raw = _parse_yaml(text, where) or {}
-        if not isinstance(raw, dict):
-            raise BadInputError(f"{where}: the config must be a mapping of sections, got {type(raw).__name__}")
+        from_file = _parse_yaml(text, where)
+        if from_file is not None and not isinstance(from_file, dict):
+            raise BadInputError(f"{where}: the config must be a mapping of sections, got {type(from_file).__name__}")
+        _merge(raw, from_file or {}, levels=_MERGED_LEVELS)
     for override in overrides:
         _apply_override(raw, override)
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
         raise BadInputError(f"{where}: {describe_validation_error(error, Config)}") from None
+
+
+# section → key → search-space entry: dictionaries merge down to the entries, which replace as a whole.
+_MERGED_LEVELS = 3
+
+
+def _merge(base: dict, update: dict, levels: int) -> None:
+    for key, value in update.items():
+        if levels > 1 and isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, levels - 1)
+        else:
+            base[key] = value
 
 
 def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
