@@ -82,7 +82,7 @@ def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
 
 
 def export_model(model, hyperparameters: dict, folder: Path) -> Path:
-    """Writes `model.keras` (weights and architecture, without optimizer state) and `hyperparameters.json`.
+    """Writes `model.keras` (architecture and weights, uncompiled: no optimizer state) and `hyperparameters.json`.
 
     Returns:
       The path of the exported model.
@@ -91,7 +91,6 @@ def export_model(model, hyperparameters: dict, folder: Path) -> Path:
 
     inference_model = keras.models.clone_model(model)
     inference_model.set_weights(model.get_weights())
-    inference_model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     target = folder / EXPORTED_MODEL
     with atomic_path(target) as temp:
         inference_model.save(temp)

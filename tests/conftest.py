@@ -1,0 +1,88 @@
+"""Shared fixtures: the real MNIST mirror beside the repo, a loopback HTTP mirror, and a verified cache."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MNIST = Path(os.environ.get("MNIST_MIRROR", REPO.parent / "shared" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_mirror() -> Path:
+    """The folder of real MNIST .gz files (../shared/mnist, or $MNIST_MIRROR)."""
+    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real MNIST not found in {SHARED_MNIST}; set MNIST_MIRROR to a folder holding the four .gz files")
+    return SHARED_MNIST
+
+
+@pytest.fixture(scope="session")
+def raw_files(mnist_mirror, tmp_path_factory):
+    """The four verified IDX files, downloaded once per test session from the real mirror."""
+    from stages.download import download
+
+    return download([str(mnist_mirror)], tmp_path_factory.mktemp("cache"))
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the real files under /ok/, and each kind of broken mirror under its own prefix.
+
+    /ok/NAME          the file
+    /missing/NAME     404
+    /error/NAME       500, always
+    /flaky/NAME       500 on the first request for each file, then the file
+    /truncated/NAME   announces the full length, sends half, closes
+    /corrupt/NAME     a well-formed gzip of wrong content (checksum mismatch)
+    /slow/NAME        stalls longer than the client's timeout
+    """
+
+    folder: Path
+    requests: list[str]
+    flaky_seen: set[str]
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        _, behaviour, name = self.path.split("/", 2)
+        source = self.folder / name
+        if behaviour == "missing" or not source.is_file():
+            return self.send_error(404, "Not Found")
+        if behaviour == "error":
+            return self.send_error(500, "Internal Server Error")
+        if behaviour == "flaky" and name not in self.flaky_seen:
+            self.flaky_seen.add(name)
+            return self.send_error(503, "Service Unavailable")
+        body = source.read_bytes()
+        if behaviour == "corrupt":
+            body = gzip.compress(b"\0" * len(gzip.decompress(body)))
+        if behaviour == "slow":
+            time.sleep(3)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if behaviour == "truncated":
+            body = body[: len(body) // 2]
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_mirror(mnist_mirror):
+    """Base URL of a loopback HTTP server over the real MNIST files; `.requests` lists the paths asked for."""
+    handler = type("Handler", (MirrorHandler,), {"folder": mnist_mirror, "requests": [], "flaky_seen": set()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.requests = handler.requests
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,135 @@
+"""The config: shipped files, merging, overrides, and every kind of bad value refused with its dotted key."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+from stages.errors import BadInputError
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONFIGS = REPO / "configs"
+
+
+def test_default_yaml_spells_out_exactly_the_built_in_defaults():
+    assert load_config(CONFIGS / "default.yaml") == Config()
+    assert load_config() == Config()
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml"])
+def test_every_setting_in_the_shipped_configs_carries_a_comment(name):
+    for number, line in enumerate((CONFIGS / name).read_text().splitlines(), 1):
+        if re.match(r"^\s*[A-Za-z_]+: *[^\s#]", line) or re.match(r"^\s*- ", line):  # a value, not a section
+            assert "#" in line, f"{name}:{number} has no comment: {line!r}"
+
+
+def test_default_yaml_names_every_field():
+    text = (CONFIGS / "default.yaml").read_text()
+    for section_name, section in Config.model_fields.items():
+        assert re.search(rf"^{section_name}:", text, re.M), section_name
+        for key in section.annotation.model_fields:
+            assert re.search(rf"^  {key}:", text, re.M), f"{section_name}.{key} missing from default.yaml"
+
+
+def test_quick_config_is_valid_and_small():
+    config = load_config(CONFIGS / "quick.yaml")
+    assert config.train.epochs <= 5 and config.train.num_samples <= 4
+    assert set(config.train.search_space) == {"learning_rate", "dropout"}  # batch_size and lr_schedule removed
+
+
+def test_overrides_are_yaml_and_merge_into_sections(tmp_path):
+    config = load_config(
+        None,
+        [
+            "train.epochs=2",
+            "model.learning_rate=1e-3",  # YAML 1.1 would read this as a string
+            f"data.mirrors=[{tmp_path}, https://example.org/mnist/]",
+            "train.search_space.dropout={choice: [0.1, 0.2]}",
+            "train.search_space.batch_size=null",
+            "run.id=my-run",
+        ],
+    )
+    assert config.train.epochs == 2 and config.model.learning_rate == 0.001
+    assert config.data.mirrors == [str(tmp_path), "https://example.org/mnist/"]
+    assert config.train.search_space["dropout"].args == (0.1, 0.2)
+    assert set(config.train.search_space) == {"learning_rate", "dropout", "lr_schedule"}
+    assert config.train.num_samples == Config().train.num_samples
+    assert config.run.id == "my-run"
+
+
+def test_a_file_merges_onto_the_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    config = load_config(path, ["train.epochs=4"])
+    assert config.train.epochs == 4 and config.train.num_samples == 8 and config.data == Config().data
+
+
+BAD_OVERRIDES = [
+    (["train.num_sample=3"], "train.num_sample: unknown key (did you mean 'num_samples'?)"),
+    (["trian.epochs=3"], "trian: unknown key (did you mean 'train'?)"),
+    (["train.epochs=three"], "train.epochs: Input should be a valid integer (got 'three')"),
+    (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1 (got 0)"),
+    (["train.epochs=2.5"], "train.epochs: Input should be a valid integer"),
+    (["model.dropout=1.0"], "model.dropout: Input should be less than 1 (got 1.0)"),
+    (["model.optimizer=adagrad"], "model.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'rmsprop'"),
+    (["train.scheduler=hyperband"], "train.scheduler: Input should be 'asha' or 'fifo'"),
+    (["train.gpus_per_trial=-1"], "train.gpus_per_trial: Input should be greater than or equal to 0"),
+    (["evaluate.min_test_accuracy=99"], "evaluate.min_test_accuracy: Input should be less than or equal to 1"),
+    (["data.mirrors=[]"], "data.mirrors: List should have at least 1 item"),
+    (["data.mirrors=[/no/such/mirror]"], "data.mirrors: [0] mirror '/no/such/mirror': no such folder"),
+    (["data.mirrors=[ftp://x/]"], "unsupported mirror scheme 'ftp://'"),
+    (["data.mirrors=/some/dir"], "data.mirrors: Input should be a valid list"),
+    (["data.validation_size=900", "data.max_train_images=900"], "validation_size=900 leaves no training images"),
+    (["run.id=../escape"], "run.id: String should match pattern"),
+    (["train.search_space.dropot={uniform: [0.1, 0.2]}"], "'dropot' is not a hyperparameter (did you mean 'dropout'?)"),
+    (["train.search_space.dropout={uniform: [0.1, 1.5]}"], "dropout: 1.5 is not allowed: Input should be less than 1"),
+    (["train.search_space.batch_size={uniform: [16, 64]}"], "batch_size: 16.0 is not allowed"),
+    (["train.search_space.dropout={normal: [0, 1]}"], "train.search_space.dropout: unknown distribution 'normal'"),
+    (["train.search_space.learning_rate={loguniform: [0, 1]}"], "loguniform needs low > 0"),
+    (["train.search_space.dropout={uniform: [0.5, 0.1]}"], "uniform needs low < high"),
+    (["train.search_space.dropout={choice: []}"], "choice needs at least one value"),
+    (["train.search_space.dropout=0.3"], "expected one mapping like {choice: [...]}"),
+    (["train=3"], "train: Input should be a valid dictionary"),
+    (["train.epochs"], "--set expects KEY=VALUE"),
+    (["=3"], "--set expects KEY=VALUE"),
+    (["train.epochs.max=3"], "--set train.epochs.max: train.epochs is a value, not a section"),
+    (["train.epochs=[1"], "--set train.epochs: invalid YAML"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_OVERRIDES, ids=[" ".join(o) for o, _ in BAD_OVERRIDES])
+def test_bad_values_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(BadInputError) as caught:
+        load_config(None, overrides)
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("train:\n  epochs: [1\n", "invalid YAML at line"),
+        ("- just\n- a list\n", "the config must be a mapping of sections, got list"),
+        ("train:\n  epochs: 1\n  epochs: 2\n", None),  # duplicate keys: YAML takes the last; not an error
+        ("model:\n  dropout: 0.5\n  extra: 1\n", "model.extra: unknown key"),
+    ],
+)
+def test_bad_files_are_refused_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    if message is None:
+        assert load_config(path).train.epochs == 2
+        return
+    with pytest.raises(BadInputError, match=re.escape(message)) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(str(path))
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(BadInputError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(BadInputError, match="cannot read config file"):
+        load_config(tmp_path)  # a folder

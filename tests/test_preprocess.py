@@ -1,0 +1,66 @@
+"""The train/validation split: deterministic, stratified, complete; the dataset files it writes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stages.errors import BadInputError
+from stages.preprocess import load_splits, manifest, preprocess, save_splits, stratified_split
+
+
+@pytest.fixture(scope="module")
+def splits(raw_files):
+    return preprocess(raw_files, validation_size=5000, seed=0)
+
+
+def test_classic_sizes_and_uint8_pixels(splits):
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (55000, 5000, 10000)
+    assert splits.train.images.dtype == np.uint8 and splits.train.images.shape[1:] == (28, 28)
+
+
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(raw_files, splits):
+    again = preprocess(raw_files, validation_size=5000, seed=0)
+    assert np.array_equal(again.validation.images, splits.validation.images)
+    other = preprocess(raw_files, validation_size=5000, seed=1)
+    assert not np.array_equal(other.validation.labels, splits.validation.labels)
+
+
+def test_split_is_stratified_and_partitions_the_training_file():
+    labels = np.repeat(np.arange(10, dtype=np.uint8), [100, 200, 300, 50, 50, 100, 100, 50, 25, 25])
+    kept, held_out = stratified_split(labels, 100, seed=3)
+    assert len(held_out) == 100
+    assert np.array_equal(np.sort(np.concatenate([kept, held_out])), np.arange(len(labels)))
+    expected = np.bincount(labels) * 100 / len(labels)
+    assert np.all(np.abs(np.bincount(labels[held_out], minlength=10) - expected) < 1)
+
+
+def test_real_validation_set_follows_the_class_frequencies(splits):
+    train_share = np.bincount(splits.train.labels) / len(splits.train)
+    validation_share = np.bincount(splits.validation.labels) / len(splits.validation)
+    assert np.abs(train_share - validation_share).max() < 0.001
+
+
+def test_slices_of_mnist(raw_files):
+    small = preprocess(raw_files, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
+    assert (len(small.train), len(small.validation), len(small.test)) == (900, 100, 300)
+
+
+def test_a_validation_set_as_large_as_the_data_is_refused(raw_files):
+    with pytest.raises(BadInputError, match="data.validation_size=1000 must be between 1 and 999"):
+        preprocess(raw_files, validation_size=1000, max_train_images=1000)
+
+
+def test_saved_dataset_round_trips_with_its_manifest(raw_files, tmp_path):
+    small = preprocess(raw_files, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
+    info = manifest(small, raw_files, validation_size=100, seed=0)
+    save_splits(small, info, tmp_path)
+    loaded = load_splits(tmp_path / "dataset.npz")
+    for name in ("train", "validation", "test"):
+        assert np.array_equal(getattr(loaded, name).images, getattr(small, name).images)
+        assert np.array_equal(getattr(loaded, name).labels, getattr(small, name).labels)
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert written["splits"]["validation"]["shape"] == [100, 28, 28]
+    assert sum(written["splits"]["train"]["class_counts"]) == 900
+    assert written["source_sha256"]["train-images-idx3-ubyte"].startswith("ba891046")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.npz", "manifest.json"]
