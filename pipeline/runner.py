@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,9 +20,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("download", "preprocess", "train", "evaluate")
 
-# Quiet TensorFlow's C++ start-up chatter in every worker unless the user asked for it.
-_WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-
 
 @dataclass
 class RunSummary:
@@ -40,7 +36,6 @@ def ray_session(config: Config, address: str | None = None) -> Iterator[str | No
     A Ray this function started is shut down afterwards; a cluster it joined is left running.
     """
     address = address or config.ray.address
-    runtime_env = {"env_vars": _WORKER_ENV}
     if address is None:
         context = ray.init(
             address="local",  # never join whatever RAY_ADDRESS points at: no address means a Ray of our own
@@ -49,11 +44,10 @@ def ray_session(config: Config, address: str | None = None) -> Iterator[str | No
             include_dashboard=config.ray.include_dashboard,
             dashboard_host=config.ray.dashboard_host,
             dashboard_port=config.ray.dashboard_port,
-            runtime_env=runtime_env,
             logging_level=logging.WARNING,
         )
     else:
-        context = ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        context = ray.init(address=address, logging_level=logging.WARNING)
     try:
         url = context.dashboard_url
         yield f"http://{url}" if url else None

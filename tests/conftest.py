@@ -74,15 +74,24 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def http_mirror(mnist_mirror):
-    """Base URL of a loopback HTTP server over the real MNIST files; `.requests` lists the paths asked for."""
+@pytest.fixture(scope="session")
+def mirror_server(mnist_mirror):
+    """A loopback HTTP server over the real MNIST files, for the whole test session; see MirrorHandler."""
     handler = type("Handler", (MirrorHandler,), {"folder": mnist_mirror, "requests": [], "flaky_seen": set()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    server.requests = handler.requests
+    server.handler = handler
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def http_mirror(mirror_server):
+    """The loopback mirror with a fresh request log (`.requests`) and fresh flaky state."""
+    mirror_server.handler.requests.clear()
+    mirror_server.handler.flaky_seen.clear()
+    mirror_server.requests = mirror_server.handler.requests
+    return mirror_server
