@@ -44,7 +44,7 @@ print(json.dumps(rates))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=12800, help="training images per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per side (the first is not counted)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per side (the first is not counted)")
     parser.add_argument("--mirror", default=str(REPO.parent / "shared" / "mnist"), help="folder of MNIST .gz files")
     args = parser.parse_args()
 

@@ -84,7 +84,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(config) -> int:
     from pipeline.run_folder import create_run_folder
-    from pipeline.runner import check_resources, format_summary, ray_session, run_pipeline
+    from pipeline.runner import check_quality_gate, check_resources, format_summary, ray_session, run_pipeline
 
     if config.ray.address is None and config.ray.num_cpus is not None:
         if config.train.cpus_per_trial > config.ray.num_cpus:
@@ -103,6 +103,7 @@ def _run(config) -> int:
         check_resources(config)
         summary = run_pipeline(config, run)
     print(format_summary(summary))
+    check_quality_gate(config, summary)
     return 0
 
 

@@ -70,7 +70,7 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
     """download → preprocess → train → evaluate, each a Ray task; artifacts go to `run`.
 
     Raises:
-      PipelineError: a stage failed in a way worth one line, or the quality gate was not met.
+      PipelineError: a stage failed in a way worth one line.
     """
     level = logging.getLogger().getEffectiveLevel()
     seconds: dict[str, float] = {}
@@ -103,13 +103,18 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
         "trials": len(metrics["trials"]),
         "failed_trials": [t["trial_id"] for t in metrics["trials"] if t["status"] == "ERROR"],
     })
-    gate = config.evaluate.min_test_accuracy
-    if gate is not None and metrics["test_accuracy"] < gate:
-        raise QualityGateError(
-            f"test accuracy {metrics['test_accuracy']:.4f} is below evaluate.min_test_accuracy={gate} "
-            f"(artifacts kept in {run.path})"
-        )
     return summary
+
+
+def check_quality_gate(config: Config, summary: RunSummary) -> None:
+    """Raises QualityGateError when the test accuracy is below `evaluate.min_test_accuracy`."""
+    gate = config.evaluate.min_test_accuracy
+    accuracy = summary.metrics["test_accuracy"]
+    if gate is not None and accuracy < gate:
+        raise QualityGateError(
+            f"test accuracy {accuracy:.4f} is below evaluate.min_test_accuracy={gate} "
+            f"(artifacts kept in {summary.folder})"
+        )
 
 
 def format_summary(summary: RunSummary) -> str:

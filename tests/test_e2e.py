@@ -36,7 +36,7 @@ def finished_run(tmp_path_factory, mirror_server):
         ],
         capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, "RAY_ADDRESS": ""},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     return work / "runs" / "e2e", result
 
 
@@ -50,8 +50,11 @@ def test_the_run_folder_holds_every_artifact(finished_run):
     assert not list(folder.rglob("*.part*")), "temporary files left behind"
 
 
-def test_summary_is_printed(finished_run):
+def test_summary_is_printed_then_the_quality_gate_fails_the_run(finished_run):
     folder, result = finished_run
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("mnist-pipeline: error: test accuracy 0.")
+    assert "is below evaluate.min_test_accuracy=0.999" in error and str(folder) in error
     assert "run e2e finished in" in result.stdout
     assert "test accuracy:" in result.stdout and str(folder) in result.stdout
     for stage in ("download", "preprocess", "train", "evaluate"):
