@@ -109,12 +109,12 @@ def run_trial(
         history = model.fit(train_batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0)
         train_seconds = time.perf_counter() - started
         val_loss, val_accuracy = model.evaluate(validation_batches, verbose=0)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(history.history["loss"][-1]),
-            "train_accuracy": float(history.history["accuracy"][-1]),
-            "val_loss": float(val_loss),
+        metrics = {  # in the order Tune's trial table shows them, most important first
             "val_accuracy": float(val_accuracy),
+            "val_loss": float(val_loss),
+            "train_accuracy": float(history.history["accuracy"][-1]),
+            "train_loss": float(history.history["loss"][-1]),
+            "epoch": epoch + 1,
             "images_per_second": len(train_data) / train_seconds,
         }
         with tempfile.TemporaryDirectory() as folder:
