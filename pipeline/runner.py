@@ -30,12 +30,12 @@ class RunSummary:
 
 
 @contextmanager
-def ray_session(config: Config, address: str | None = None) -> Iterator[str | None]:
+def ray_session(config: Config) -> Iterator[str | None]:
     """Starts a local Ray for the run (no address) or joins a cluster; yields the dashboard URL, if any.
 
     A Ray this function started is shut down afterwards; a cluster it joined is left running.
     """
-    address = address or config.ray.address
+    address = config.ray.address
     if address is None:
         context = ray.init(
             address="local",  # never join whatever RAY_ADDRESS points at: no address means a Ray of our own
