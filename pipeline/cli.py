@@ -85,6 +85,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _run(config) -> int:
     from pipeline.run_folder import create_run_folder
     from pipeline.runner import check_quality_gate, check_resources, format_summary, ray_session, run_pipeline
+    from stages.atomic import write_text_atomically
 
     if config.ray.address is None and config.ray.num_cpus is not None:
         if config.train.cpus_per_trial > config.ray.num_cpus:
@@ -92,15 +93,19 @@ def _run(config) -> int:
                 f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds ray.num_cpus={config.ray.num_cpus}"
             )
     run = create_run_folder(config.run.root, config.run.id)
-    run.config_file.write_text(config.to_yaml())
-    file_log = logging.FileHandler(run.log_file)
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(file_log)
-    log.info("run %s: artifacts in %s", run.run_id, run.path)
     with ray_session(config) as dashboard:
+        try:
+            check_resources(config)
+        except BadInputError:
+            run.path.rmdir()  # still empty: a refused run leaves nothing behind
+            raise
+        write_text_atomically(run.config_file, config.to_yaml())
+        file_log = logging.FileHandler(run.log_file)
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(file_log)
+        log.info("run %s: artifacts in %s", run.run_id, run.path)
         if dashboard:
             log.info("Ray dashboard: %s", dashboard)
-        check_resources(config)
         summary = run_pipeline(config, run)
     print(format_summary(summary))
     check_quality_gate(config, summary)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.download import DEFAULT_MIRRORS
 from stages.errors import BadInputError
@@ -18,27 +18,63 @@ from stages.hyperparameters import Hyperparameters
 from stages.train_settings import TrainSettings, did_you_mean
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, strict=True)
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-]+:[0-9]{1,5}")
+
+
+def _check_mirror(mirror: str) -> str:
+    from stages.download import check_mirror
+
+    try:
+        check_mirror(mirror)
+    except BadInputError as error:
+        raise ValueError(str(error)) from None
+    return mirror
 
 
 class RunSection(BaseModel):
     model_config = _SECTION
 
-    root: str = Field("runs", min_length=1, description="folder (or URI) under which each run gets <root>/<id>/")
-    id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="run id; null: a new timestamped id"
-    )
+    root: str = Field("runs", min_length=1, description="folder under which each run gets <root>/<id>/")
+    id: str | None = Field(None, description="run id; null: a new timestamped id")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the split, the search and every trial")
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root_given(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("needs a folder (YAML reads a bare ~ as null: write '~/runs')")
+        return value
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_is_a_folder_name(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `--run-id 7` or `id: 7` means the folder "7"
+        if isinstance(value, str) and not _RUN_ID.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a valid run id: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit, at most 128 characters"
+            )
+        return value
 
 
 class RaySection(BaseModel):
     model_config = _SECTION
 
     address: str | None = Field(
-        None, description="null: start a local Ray for this run; 'auto' or HOST:PORT: join a running cluster"
+        None, description="null: start a local Ray for this run; 'auto', HOST:PORT or ray://HOST:PORT: join a cluster"
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray; null: all of this machine's")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray; null: all that Ray detects")
     include_dashboard: bool = Field(True, description="start Ray's dashboard with the local Ray")
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, address: str | None) -> str | None:
+        if address is not None and not _RAY_ADDRESS.fullmatch(address):
+            raise ValueError(f"{address!r} is not a Ray address: use auto, HOST:PORT or ray://HOST:PORT")
+        return address
     dashboard_host: str = Field("127.0.0.1", description="interface the dashboard binds to; keep it local")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="dashboard port (the next free one if taken)")
 
@@ -46,7 +82,7 @@ class RaySection(BaseModel):
 class DataSection(BaseModel):
     model_config = _SECTION
 
-    mirrors: list[str] = Field(
+    mirrors: list[Annotated[str, AfterValidator(_check_mirror)]] = Field(
         default_factory=lambda: list(DEFAULT_MIRRORS),
         min_length=1,
         description="tried in order for each file: local folder, file:// or http(s):// URL of the four .gz files",
@@ -62,24 +98,20 @@ class DataSection(BaseModel):
         None, ge=1, le=10000, description="use only the first N test images; null: all 10,000"
     )
 
-    @field_validator("mirrors")
+    @field_validator("cache_dir")
     @classmethod
-    def _check_mirrors(cls, mirrors: list[str]) -> list[str]:
-        from stages.download import check_mirror
-
-        for index, mirror in enumerate(mirrors):
-            try:
-                check_mirror(mirror)
-            except BadInputError as error:
-                raise ValueError(f"[{index}] {error}") from None
-        return mirrors
+    def _cache_is_a_folder(cls, cache_dir: str) -> str:
+        path = Path(cache_dir).expanduser()
+        if not cache_dir.strip() or (path.exists() and not path.is_dir()):
+            raise ValueError(f"{cache_dir!r} is not a folder")
+        return cache_dir
 
     @model_validator(mode="after")
     def _validation_fits(self) -> "DataSection":
         available = self.max_train_images or 60000
         if self.validation_size >= available:
             raise ValueError(
-                f"validation_size={self.validation_size} leaves no training images "
+                f"validation_size: {self.validation_size} leaves no training images "
                 f"(only {available} are used; see data.max_train_images)"
             )
         return self
@@ -113,48 +145,43 @@ class Config(BaseModel):
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
     """Merges `path` onto the defaults, applies `key=value` overrides, and validates the result.
 
-    Sections merge key by key, and so does `train.search_space` (an entry set to null is removed); any other
-    value, a list included, replaces the default.
+    A file's sections merge into the defaults key by key; every value, a list or the whole `train.search_space`
+    included, replaces the default as a whole. An override replaces the one value its dotted key names, so
+    `--set train.search_space.dropout=...` changes one entry (null removes it).
 
     Raises:
-      BadInputError: the file cannot be read or parsed, an override is malformed, or any value is invalid.
+      BadInputError: the file cannot be read or parsed, an override is malformed, or any value is invalid; the
+        message names the file or the override it came from.
     """
     raw = to_plain(Config())
-    where = "defaults"
     if path is not None:
-        where = str(path)
         try:
             text = Path(path).read_text()
         except FileNotFoundError:
             raise BadInputError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as error:
             raise BadInputError(f"cannot read config file {path}: {error}") from None
-        from_file = _parse_yaml(text, where)
+        from_file = _parse_yaml(text, str(path))
         if from_file is not None and not isinstance(from_file, dict):
-            raise BadInputError(f"{where}: the config must be a mapping of sections, got {type(from_file).__name__}")
-        _merge(raw, from_file or {}, levels=_MERGED_LEVELS)
-    for override in overrides:
-        _apply_override(raw, override)
+            raise BadInputError(f"{path}: the config must be a mapping of sections, got {type(from_file).__name__}")
+        for section, values in (from_file or {}).items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section].update(values)
+            else:
+                raw[section] = values
+    override_keys = [_apply_override(raw, override) for override in overrides]
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise BadInputError(f"{where}: {describe_validation_error(error, Config)}") from None
+        key, message = describe_validation_error(error, Config)
+        # name the file only when the bad value came from it; an override's key speaks for itself
+        from_override = any(_related(override_key, key) for override_key in override_keys)
+        source = f"{path}: " if path is not None and not from_override else ""
+        raise BadInputError(f"{source}{key}: {message}") from None
 
 
-# section → key → search-space entry: dictionaries merge down to the entries, which replace as a whole.
-_MERGED_LEVELS = 3
-
-
-def _merge(base: dict, update: dict, levels: int) -> None:
-    for key, value in update.items():
-        if levels > 1 and isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value, levels - 1)
-        else:
-            base[key] = value
-
-
-def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
-    """One line for the first problem (and how many more there are), naming the dotted key."""
+def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -> tuple[str, str]:
+    """The dotted key of the first problem, and one line saying what is wrong (and how many more problems)."""
     problems = error.errors()
     first = problems[0]
     key = _dotted(first["loc"])
@@ -164,10 +191,22 @@ def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -
         message = f"unknown key{did_you_mean(name, parent.model_fields) if parent else ''}"
     else:
         message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "model_type":  # "...instance of TrainSettings" means nothing to a user
+            message = "should be a section: a mapping of keys to values"
         if first["type"] not in ("value_error", "assertion_error") and "input" in first:
             message += f" (got {first['input']!r})"
+        # validators that check a whole section say which key they mean: "validation_size: ..."
+        named = re.match(r"([A-Za-z_]\w*): ", message)
+        if named:
+            key, message = f"{key}.{named.group(1)}", message[named.end():]
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
-    return f"{key}: {message}{more}" if key else f"{message}{more}"
+    return key, message + more
+
+
+def _related(override_key: str, error_key: str) -> bool:
+    """Whether a problem at `error_key` can come from the override of `override_key`."""
+    a, b = override_key.split("."), re.split(r"[.\[]", error_key)
+    return a[: len(b)] == b[: len(a)]
 
 
 def to_plain(config: BaseModel) -> dict:
@@ -179,7 +218,8 @@ def to_plain(config: BaseModel) -> dict:
     return plain
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def _apply_override(raw: dict, override: str) -> str:
+    """Sets the value of one `dotted.key=yaml` override in `raw`; returns the dotted key."""
     key, equals, text = override.partition("=")
     if not equals or not key.strip():
         raise BadInputError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {override!r}")
@@ -194,6 +234,7 @@ def _apply_override(raw: dict, override: str) -> None:
             raise BadInputError(f"--set {key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
+    return key.strip()
 
 
 class _Loader(yaml.SafeLoader):

@@ -113,7 +113,8 @@ def check_mirror(mirror: str) -> None:
         raise BadInputError(f"unsupported mirror scheme '{scheme}://' in {mirror!r} (use a path, file://, http(s)://)")
     folder = _local_folder(mirror)
     if not folder.is_dir():
-        raise BadInputError(f"mirror {mirror!r}: no such folder {folder}")
+        problem = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise BadInputError(f"mirror {mirror!r}: {problem} ({folder})")
 
 
 def _fetch_verified(

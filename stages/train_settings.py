@@ -100,7 +100,9 @@ class TrainSettings(BaseModel):
     reduction_factor: float = Field(2.0, gt=1, description="asha: 1/reduction_factor of trials go on at each rung")
     checkpoints_to_keep: int = Field(2, ge=1, description="best checkpoints kept per trial (plus the latest)")
     max_failures: int = Field(2, ge=-1, description="retries of a crashed trial from its last checkpoint; -1: forever")
-    include_base_trial: bool = Field(True, description="run the `model` section's values as-is as the first trial")
+    include_base_trial: bool = Field(
+        True, description="run the `model` section's values as they are as the first trial (one of num_samples)"
+    )
     search_space: dict[str, Distribution] = Field(
         default_factory=lambda: {
             "learning_rate": Distribution(kind="loguniform", args=(3.0e-4, 3.0e-3)),
@@ -130,7 +132,10 @@ class TrainSettings(BaseModel):
                 try:
                     Hyperparameters.model_validate({name: value})
                 except ValidationError as error:
-                    raise ValueError(f"{name}: {value!r} is not allowed: {error.errors()[0]['msg']}") from None
+                    hint = ""
+                    if distribution.kind in ("uniform", "loguniform") and fields[name].annotation is int:
+                        hint = " (use randint or choice for an integer hyperparameter)"
+                    raise ValueError(f"{name}: {value!r} is not allowed: {error.errors()[0]['msg']}{hint}") from None
         return space
 
     def param_space(self, base: Hyperparameters) -> dict:

@@ -27,7 +27,8 @@ def run_cli(*args, cwd=None):
         (["run", "--set", "data.mirrors=[/no/such/dir]"], "mirror '/no/such/dir': no such folder"),
         (["run", "--set", "train.search_space.dropout={uniform: [0, 2]}"], "dropout: 2.0 is not allowed"),
         (["run", "--set", "nonsense"], "--set expects KEY=VALUE"),
-        (["run", "--run-id", "a/b"], "run.id: String should match pattern"),
+        (["run", "--run-id", "a/b"], "run.id: 'a/b' is not a valid run id"),
+        (["run", "--address", "nowhere"], "ray.address: 'nowhere' is not a Ray address"),
         (["run", "--set", "ray.num_cpus=1", "--set", "train.cpus_per_trial=2"], "exceeds ray.num_cpus=1"),
     ],
 )
@@ -39,7 +40,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("mnist-pipeline: error: ") and message in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    assert "Ray" not in result.stderr + result.stdout  # refused before Ray started
+    assert "stage download" not in result.stderr + result.stdout  # refused before Ray started
+    assert "(download_task" not in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 

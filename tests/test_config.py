@@ -59,11 +59,30 @@ def test_overrides_are_yaml_and_merge_into_sections(tmp_path):
     assert config.run.id == "my-run"
 
 
-def test_a_file_merges_onto_the_defaults(tmp_path):
+def test_a_file_merges_onto_the_defaults_section_by_section(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("train:\n  epochs: 3\n")
+    path.write_text("train:\n  epochs: 3\n  search_space:\n    dropout: {choice: [0.3]}\n")
     config = load_config(path, ["train.epochs=4"])
     assert config.train.epochs == 4 and config.train.num_samples == 8 and config.data == Config().data
+    assert set(config.train.search_space) == {"dropout"}  # a search space in a file replaces the default one
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml"])
+def test_a_resolved_config_reproduces_the_run(tmp_path, name):
+    config = load_config(CONFIGS / name, ["train.search_space.dense_units={randint: [256, 1025]}", "run.id=7"])
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(config.to_yaml())
+    assert load_config(resolved) == config
+    assert config.run.id == "7"
+
+
+def test_errors_name_the_file_only_when_the_value_came_from_it(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(BadInputError, match=rf"^{re.escape(str(path))}: train.epochs: Input should be greater"):
+        load_config(path)
+    with pytest.raises(BadInputError, match=r"^model.dropout: Input should be less than 1"):
+        load_config(path, ["train.epochs=2", "model.dropout=2.0"])
 
 
 BAD_OVERRIDES = [
@@ -78,20 +97,25 @@ BAD_OVERRIDES = [
     (["train.gpus_per_trial=-1"], "train.gpus_per_trial: Input should be greater than or equal to 0"),
     (["evaluate.min_test_accuracy=99"], "evaluate.min_test_accuracy: Input should be less than or equal to 1"),
     (["data.mirrors=[]"], "data.mirrors: List should have at least 1 item"),
-    (["data.mirrors=[/no/such/mirror]"], "data.mirrors: [0] mirror '/no/such/mirror': no such folder"),
+    (["data.mirrors=[/no/such/mirror]"], "data.mirrors[0]: mirror '/no/such/mirror': no such folder"),
+    (["data.mirrors=[/etc/hostname]"], "data.mirrors[0]: mirror '/etc/hostname': is a file, not a folder"),
+    (["data.cache_dir=/etc/hostname"], "data.cache_dir: '/etc/hostname' is not a folder"),
+    (["ray.address=not an address"], "ray.address: 'not an address' is not a Ray address: use auto, HOST:PORT"),
+    (["run.root=~"], "run.root: needs a folder (YAML reads a bare ~ as null"),
+    (["train=5"], "train: should be a section: a mapping of keys to values (got 5)"),
     (["data.mirrors=[ftp://x/]"], "unsupported mirror scheme 'ftp://'"),
     (["data.mirrors=/some/dir"], "data.mirrors: Input should be a valid list"),
-    (["data.validation_size=900", "data.max_train_images=900"], "validation_size=900 leaves no training images"),
-    (["run.id=../escape"], "run.id: String should match pattern"),
+    (["data.validation_size=900", "data.max_train_images=900"], "data.validation_size: 900 leaves no training"),
+    (["run.id=../escape"], "run.id: '../escape' is not a valid run id: use letters, digits"),
     (["train.search_space.dropot={uniform: [0.1, 0.2]}"], "'dropot' is not a hyperparameter (did you mean 'dropout'?)"),
     (["train.search_space.dropout={uniform: [0.1, 1.5]}"], "dropout: 1.5 is not allowed: Input should be less than 1"),
-    (["train.search_space.batch_size={uniform: [16, 64]}"], "batch_size: 16.0 is not allowed"),
+    (["train.search_space.batch_size={uniform: [16, 64]}"], "batch_size: 16.0 is not allowed: Input should be a valid "
+                                                            "integer (use randint or choice for an integer"),
     (["train.search_space.dropout={normal: [0, 1]}"], "train.search_space.dropout: unknown distribution 'normal'"),
     (["train.search_space.learning_rate={loguniform: [0, 1]}"], "loguniform needs low > 0"),
     (["train.search_space.dropout={uniform: [0.5, 0.1]}"], "uniform needs low < high"),
     (["train.search_space.dropout={choice: []}"], "choice needs at least one value"),
     (["train.search_space.dropout=0.3"], "expected one mapping like {choice: [...]}"),
-    (["train=3"], "train: Input should be a valid dictionary"),
     (["train.epochs"], "--set expects KEY=VALUE"),
     (["=3"], "--set expects KEY=VALUE"),
     (["train.epochs.max=3"], "--set train.epochs.max: train.epochs is a value, not a section"),
