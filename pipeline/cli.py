@@ -84,7 +84,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(config) -> int:
     from pipeline.run_folder import create_run_folder
-    from pipeline.runner import check_quality_gate, check_resources, format_summary, ray_session, run_pipeline
+    from pipeline.runner import check_cluster, check_quality_gate, format_summary, ray_session, run_pipeline
     from stages.atomic import write_text_atomically
 
     if config.ray.address is None and config.ray.num_cpus is not None:
@@ -95,7 +95,7 @@ def _run(config) -> int:
     run = create_run_folder(config.run.root, config.run.id)
     with ray_session(config) as dashboard:
         try:
-            check_resources(config)
+            check_cluster(config)
         except BadInputError:
             run.path.rmdir()  # still empty: a refused run leaves nothing behind
             raise

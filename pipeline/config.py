@@ -38,6 +38,9 @@ class RunSection(BaseModel):
     root: str = Field("runs", min_length=1, description="folder under which each run gets <root>/<id>/")
     id: str | None = Field(None, description="run id; null: a new timestamped id")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the split, the search and every trial")
+    shared_filesystem: bool = Field(
+        False, description="root is the same folder on every node of the cluster (an NFS mount, say)"
+    )
 
     @field_validator("root", mode="before")
     @classmethod

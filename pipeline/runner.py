@@ -55,8 +55,12 @@ def ray_session(config: Config) -> Iterator[str | None]:
         ray.shutdown()
 
 
-def check_resources(config: Config) -> None:
-    """Refuses trials that no node of the cluster could ever run, instead of leaving them pending forever."""
+def check_cluster(config: Config) -> None:
+    """Refuses what this cluster can never do, before any stage runs.
+
+    Trials asking for more CPUs or GPUs than any node has would stay pending forever; a run folder on a disk that
+    only one node sees would break the first time a trial on another node checkpoints.
+    """
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     wanted = {"CPU": config.train.cpus_per_trial, "GPU": config.train.gpus_per_trial}
     for resource, amount in wanted.items():
@@ -64,6 +68,11 @@ def check_resources(config: Config) -> None:
         if amount > largest:
             key = f"train.{resource.lower()}s_per_trial"
             raise BadInputError(f"{key}={amount:g} but the largest node offers {largest:g} {resource}s")
+    if len(nodes) > 1 and not config.run.shared_filesystem:
+        raise BadInputError(
+            f"run.root={config.run.root!r} is a local folder but the cluster has {len(nodes)} nodes: put it on a "
+            "file system every node mounts at the same path (NFS, EFS...) and set run.shared_filesystem=true"
+        )
 
 
 def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
@@ -88,7 +97,7 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
         )
     with _stage("evaluate", seconds):
         metrics = _get(
-            evaluate_task.remote(
+            evaluate_task.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0).remote(
                 outcome, test_ref, config.evaluate, str(run.model_dir), str(run.metrics_file), level
             )
         )
@@ -122,10 +131,12 @@ def format_summary(summary: RunSummary) -> str:
     hyperparameters = ", ".join(f"{k}={_short(v)}" for k, v in metrics["hyperparameters"].items())
     failed = [t["trial_id"] for t in metrics["trials"] if t["status"] == "ERROR"]
     times = ", ".join(f"{stage} {_duration(summary.stage_seconds[stage])}" for stage in STAGES)
+    nodes = sorted({node for trial in metrics["trials"] for node in trial["nodes"]})
     lines = [
         f"run {summary.run_id} finished in {_duration(sum(summary.stage_seconds.values()))}",
         f"  best trial:      {metrics['best_trial_id']} (epoch {metrics['best_epoch']}) "
-        f"of {len(metrics['trials'])} trials" + (f"; failed: {', '.join(failed)}" if failed else ""),
+        f"of {len(metrics['trials'])} trials on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
         f"  hyperparameters: {hyperparameters}",
         f"  val accuracy:    {metrics['val_accuracy']:.4f}",
         f"  test accuracy:   {metrics['test_accuracy']:.4f} (loss {metrics['test_loss']:.4f}, "

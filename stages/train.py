@@ -30,6 +30,7 @@ class TrialSummary:
     hyperparameters: dict[str, Any]
     epochs: int
     best_val_accuracy: float | None
+    nodes: list[str] = field(default_factory=list)  # Ray node ids the trial's epochs ran on
     error: str | None = None
 
 
@@ -139,6 +140,7 @@ def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
                 hyperparameters={k: _plain(v) for k, v in (result.config or {}).items()},
                 epochs=int(history["epoch"].max()) if has_history else 0,
                 best_val_accuracy=best,
+                nodes=sorted(history["node_id"].dropna().unique().tolist()) if has_history else [],
                 error=_one_line(result.error) if result.error else None,
             )
         )

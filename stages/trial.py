@@ -82,8 +82,10 @@ def run_trial(
     Reports after every epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, images_per_second; and a
     checkpoint holding the model with its optimizer state, so a retried trial continues where it stopped.
     """
+    import ray
     from ray import tune
 
+    node_id = ray.get_runtime_context().get_node_id()
     configure_tensorflow(cpus, mixed_precision=mixed_precision)
     import keras
 
@@ -116,6 +118,7 @@ def run_trial(
             "train_loss": float(history.history["loss"][-1]),
             "epoch": epoch + 1,
             "images_per_second": len(train_data) / train_seconds,
+            "node_id": node_id,  # which Ray node trained this epoch (a retried trial may move)
         }
         with tempfile.TemporaryDirectory() as folder:
             model.save(Path(folder) / CHECKPOINT_MODEL)

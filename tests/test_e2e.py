@@ -59,6 +59,7 @@ def test_summary_is_printed_then_the_quality_gate_fails_the_run(finished_run):
     assert "is below evaluate.min_test_accuracy=0.999" in error and str(folder) in error
     assert "run e2e finished in" in result.stdout
     assert "test accuracy:" in result.stdout and str(folder) in result.stdout
+    assert "of 2 trials on 1 node" in result.stdout
     for stage in ("download", "preprocess", "train", "evaluate"):
         assert stage in result.stdout.split("stage times:")[1]
 
@@ -68,6 +69,7 @@ def test_tune_ran_two_trials_with_checkpoints_and_picked_the_best(finished_run):
     metrics = json.loads((folder / "metrics.json").read_text())
     trials = metrics["trials"]
     assert len(trials) == 2 and all(t["status"] == "TERMINATED" for t in trials)
+    assert all(len(t["nodes"]) == 1 for t in trials)
     trial_folders = [p for p in (folder / "tune").iterdir() if p.is_dir()]
     assert len(trial_folders) == 2
     best_per_trial = []
