@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import Config
 from pipeline.run_folder import RunFolder
@@ -92,8 +93,13 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
         _get(manifest_ref)
     with _stage("train", seconds):
         splits = SplitRefs(train=train_ref, validation=validation_ref, test=test_ref)
+        # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
+        # experiment with it (trials on that node are retried elsewhere from their checkpoints).
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         outcome = _get(
-            train_task.remote(splits, config.model, config.train, config.run.seed, str(run.path), level)
+            train_task.options(scheduling_strategy=beside_driver).remote(
+                splits, config.model, config.train, config.run.seed, str(run.path), level
+            )
         )
     with _stage("evaluate", seconds):
         metrics = _get(
