@@ -66,7 +66,8 @@ class RaySection(BaseModel):
     model_config = _SECTION
 
     address: str | None = Field(
-        None, description="null: start a local Ray for this run; 'auto', HOST:PORT or ray://HOST:PORT: join a cluster"
+        None,
+        description="'auto', HOST:PORT or ray://HOST:PORT: join a cluster; null: $RAY_ADDRESS if set, else a local Ray",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray; null: all of this machine's")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray; null: all that Ray detects")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,10 +37,11 @@ def ray_session(config: Config) -> Iterator[str | None]:
 
     A Ray this function started is shut down afterwards; a cluster it joined is left running.
     """
-    address = config.ray.address
+    # Like ray.init(): RAY_ADDRESS (set by `ray job submit` and our `ray submit` entry point) joins that cluster
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         context = ray.init(
-            address="local",  # never join whatever RAY_ADDRESS points at: no address means a Ray of our own
+            address="local",  # a Ray of our own, never one that happens to run on this machine
             num_cpus=config.ray.num_cpus,
             num_gpus=config.ray.num_gpus,
             include_dashboard=config.ray.include_dashboard,

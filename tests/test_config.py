@@ -18,7 +18,7 @@ def test_default_yaml_spells_out_exactly_the_built_in_defaults():
     assert load_config() == Config()
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml", "cluster.yaml"])
 def test_every_setting_in_the_shipped_configs_carries_a_comment(name):
     for number, line in enumerate((CONFIGS / name).read_text().splitlines(), 1):
         if re.match(r"^\s*[A-Za-z_]+: *[^\s#]", line) or re.match(r"^\s*- ", line):  # a value, not a section
@@ -37,6 +37,11 @@ def test_quick_config_is_valid_and_small():
     config = load_config(CONFIGS / "quick.yaml")
     assert config.train.epochs <= 5 and config.train.num_samples <= 4
     assert set(config.train.search_space) == {"learning_rate", "dropout"}  # batch_size and lr_schedule removed
+
+
+def test_cluster_config_shares_the_run_folder_and_uses_gpus():
+    config = load_config(CONFIGS / "cluster.yaml")
+    assert config.run.shared_filesystem and config.train.gpus_per_trial > 0
 
 
 def test_overrides_are_yaml_and_merge_into_sections(tmp_path):
