@@ -8,5 +8,6 @@ on sys.path) and joins the cluster it runs on, as `ray job submit` entrypoints d
 import os
 import runpy
 
-os.environ.setdefault("RAY_ADDRESS", "auto")
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ["RAY_ADDRESS"] = "auto"
 runpy.run_module("pipeline", run_name="__main__", alter_sys=True)

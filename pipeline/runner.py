@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ def ray_session(config: Config) -> Iterator[str | None]:
             num_gpus=config.ray.num_gpus,
             include_dashboard=config.ray.include_dashboard,
             dashboard_host=config.ray.dashboard_host,
-            dashboard_port=config.ray.dashboard_port,
+            dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port),
             logging_level=logging.WARNING,
         )
     else:
@@ -56,6 +57,20 @@ def ray_session(config: Config) -> Iterator[str | None]:
         yield f"http://{url}" if url else None
     finally:
         ray.shutdown()
+
+
+def _free_port_from(host: str, port: int, attempts: int = 50) -> int:
+    """The first port from `port` on that is free: Ray refuses to start when the dashboard's port is taken."""
+    for candidate in range(port, min(port + attempts, 65536)):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                continue
+        if candidate != port:
+            log.warning("dashboard port %d is in use; using %d", port, candidate)
+        return candidate
+    return port
 
 
 def check_cluster(config: Config) -> None:
