@@ -76,21 +76,39 @@ def _free_port_from(host: str, port: int, attempts: int = 50) -> int:
 def check_cluster(config: Config) -> None:
     """Refuses what this cluster can never do, before any stage runs.
 
-    Trials asking for more CPUs or GPUs than any node has would stay pending forever; a run folder on a disk that
-    only one node sees would break the first time a trial on another node checkpoints.
+    Trials asking for more CPUs or GPUs than any node has, or could have once the autoscaler adds the node types it
+    knows, would stay pending forever; a run folder on a disk that only one node sees would break the first time a
+    trial on another node checkpoints.
     """
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    groups = _autoscaler_node_groups()
+    offers = nodes + [resources for resources, _ in groups]
     wanted = {"CPU": config.train.cpus_per_trial, "GPU": config.train.gpus_per_trial}
     for resource, amount in wanted.items():
-        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        largest = max((offer.get(resource, 0) for offer in offers), default=0)
         if amount > largest:
             key = f"train.{resource.lower()}s_per_trial"
             raise BadInputError(f"{key}={amount:g} but the largest node offers {largest:g} {resource}s")
-    if len(nodes) > 1 and not config.run.shared_filesystem:
+    possible_nodes = max(len(nodes), sum(count if count >= 0 else 2 for _, count in groups))
+    if possible_nodes > 1 and not config.run.shared_filesystem:
         raise BadInputError(
-            f"run.root={config.run.root!r} is a local folder but the cluster has {len(nodes)} nodes: put it on a "
-            "file system every node mounts at the same path (NFS, EFS...) and set run.shared_filesystem=true"
+            f"run.root={config.run.root!r} is a local folder but the cluster has (or may grow to) {possible_nodes} "
+            "nodes: put it on a file system every node mounts at the same path (NFS, EFS...) and set "
+            "run.shared_filesystem=true"
         )
+
+
+def _autoscaler_node_groups() -> list[tuple[dict[str, float], int]]:
+    """(resources of one node, most nodes) of every node type the autoscaler may start; empty without one."""
+    try:
+        from ray._private.state import state  # Ray keeps the autoscaler's node types here (no public API yet)
+
+        cluster_config = state.get_cluster_config()
+    except Exception:  # an older or newer Ray without it: judge by the nodes that exist
+        return []
+    if cluster_config is None:
+        return []
+    return [(dict(group.resources), group.max_count) for group in cluster_config.node_group_configs]
 
 
 def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
