@@ -22,6 +22,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 ENV = {
     **os.environ,
+    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",  # `python` is this environment's
     "RAY_AUTH_MODE": "disabled",  # explicit for every process: a token in ~/.ray would otherwise split the nodes
     "RAY_ADDRESS": "",
     # notice a dead node within seconds instead of the default ~30 s
@@ -38,14 +39,15 @@ def free_port() -> int:
 
 
 class RayNodes:
-    def __init__(self, workers: int, cpus_per_node: int = 1):
+    def __init__(self, workers: int, cpus_per_node: int = 1, dashboard: bool = False):
         self.temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.node_manager_ports: list[int] = []  # head first
+        self.dashboard_port = free_port()
         self._start("--head", f"--port={self.gcs_port}", f"--ray-client-server-port={free_port()}",
-                    "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--temp-dir={self.temp_dir}",
-                    cpus=cpus_per_node)
+                    f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", cpus=cpus_per_node)
         for _ in range(workers):
             self._start(f"--address={self.address}", cpus=cpus_per_node)
         self.wait_for_nodes(workers + 1)

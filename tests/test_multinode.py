@@ -121,3 +121,26 @@ def test_a_trial_survives_the_loss_of_its_node(tmp_path, mnist_mirror):
     assert node_id in {row["node_id"] for row in rows} and len({row["node_id"] for row in rows}) >= 2
     metrics = json.loads((tmp_path / "runs" / "multinode" / "metrics.json").read_text())
     assert all(t["status"] == "TERMINATED" for t in metrics["trials"])
+
+
+def test_ray_job_submit_runs_the_pipeline(tmp_path, mnist_mirror):
+    """Ray's Jobs path: `ray job submit --working-dir . -- python -m pipeline run ...` joins the cluster by itself."""
+    nodes = RayNodes(workers=1, dashboard=True)
+    try:
+        command = pipeline_command("auto", tmp_path / "runs", tmp_path / "cache", mnist_mirror,
+                                   "--set", "run.shared_filesystem=true", "--set", "train.num_samples=2",
+                                   "--set", "train.epochs=1")
+        command = ["python", *command[1:]]
+        command.remove("--address")
+        command.remove("auto")
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit",
+             "--address", f"http://127.0.0.1:{nodes.dashboard_port}", "--working-dir", ".", "--", *command],
+            capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
+        )
+    finally:
+        nodes.shutdown()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run multinode finished" in result.stdout
+    metrics = json.loads((tmp_path / "runs" / "multinode" / "metrics.json").read_text())
+    assert len(metrics["trials"]) == 2
