@@ -54,7 +54,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     raw = download([args.mirror], work / "cache")
     splits = preprocess(raw, validation_size=1000, max_train_images=args.images + 1000, max_test_images=1000)
-    save_splits(splits, manifest(splits, raw, validation_size=1000, seed=0), work)
+    save_splits(splits, manifest(splits, raw, validation_size=1000, seed=0), str(work))
 
     plain = json.loads(
         subprocess.run(

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from stages.errors import BadInputError, PipelineError
@@ -83,9 +84,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(config) -> int:
-    from pipeline.run_folder import create_run_folder
+    from pipeline.run_folder import create_run_folder, remove_empty_run_folder
     from pipeline.runner import check_cluster, check_quality_gate, format_summary, ray_session, run_pipeline
-    from stages.atomic import write_text_atomically
+    from stages import storage
 
     if config.ray.address is None and config.ray.num_cpus is not None:
         if config.train.cpus_per_trial > config.ray.num_cpus:
@@ -97,19 +98,33 @@ def _run(config) -> int:
         try:
             check_cluster(config)
         except BadInputError:
-            run.path.rmdir()  # still empty: a refused run leaves nothing behind
+            remove_empty_run_folder(run)  # a refused run leaves nothing behind
             raise
-        write_text_atomically(run.config_file, config.to_yaml())
-        file_log = logging.FileHandler(run.log_file)
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(file_log)
-        log.info("run %s: artifacts in %s", run.run_id, run.path)
-        if dashboard:
-            log.info("Ray dashboard: %s", dashboard)
-        summary = run_pipeline(config, run)
+        storage.write_bytes(run.config_file, config.to_yaml().encode())
+        with _run_log(run):
+            log.info("run %s: artifacts in %s", run.run_id, run.location)
+            if dashboard:
+                log.info("Ray dashboard: %s", dashboard)
+            summary = run_pipeline(config, run)
     print(format_summary(summary))
     check_quality_gate(config, summary)
     return 0
+
+
+@contextmanager
+def _run_log(run):
+    """Keeps the driver's log in the run folder (written locally, uploaded at the end for a remote run)."""
+    from stages import storage
+
+    with storage.local_folder_for(run.location) as folder:
+        handler = logging.FileHandler(folder / "pipeline.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            yield
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

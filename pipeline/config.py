@@ -35,7 +35,9 @@ def _check_mirror(mirror: str) -> str:
 class RunSection(BaseModel):
     model_config = _SECTION
 
-    root: str = Field("runs", min_length=1, description="folder under which each run gets <root>/<id>/")
+    root: str = Field(
+        "runs", min_length=1, description="folder or URI (s3://bucket/prefix, gs://...) holding each run's <root>/<id>/"
+    )
     id: str | None = Field(None, description="run id; null: a new timestamped id")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the split, the search and every trial")
     shared_filesystem: bool = Field(

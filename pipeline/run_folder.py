@@ -8,24 +8,34 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages import storage
 from stages.errors import BadInputError
 
 
 @dataclass(frozen=True)
 class RunFolder:
-    path: Path
+    """A run's location: an absolute local path, or a URI such as s3://bucket/runs/<id>."""
+
+    location: str
 
     @property
     def run_id(self) -> str:
-        return self.path.name
+        return storage.name_of(self.location)
 
-    config_file = property(lambda self: self.path / "config.yaml")  # the resolved config of the run
-    data_dir = property(lambda self: self.path / "data")  # dataset.npz and manifest.json
-    tune_dir = property(lambda self: self.path / "tune")  # the Tune experiment: trials, checkpoints, event files
-    model_dir = property(lambda self: self.path / "model")  # model.keras and hyperparameters.json
-    metrics_file = property(lambda self: self.path / "metrics.json")
-    summary_file = property(lambda self: self.path / "summary.json")
-    log_file = property(lambda self: self.path / "pipeline.log")
+    def __getattr__(self, name: str) -> str:
+        if name in _ARTIFACTS:
+            return storage.join(self.location, _ARTIFACTS[name])
+        raise AttributeError(name)
+
+
+_ARTIFACTS = {
+    "config_file": "config.yaml",  # the resolved config of the run
+    "data_dir": "data",  # dataset.npz and manifest.json
+    "model_dir": "model",  # model.keras and hyperparameters.json
+    "metrics_file": "metrics.json",
+    "summary_file": "summary.json",
+    "log_file": "pipeline.log",
+}  # and tune/, the Tune experiment: trials, checkpoints, TensorBoard event files
 
 
 def new_run_id() -> str:
@@ -34,13 +44,17 @@ def new_run_id() -> str:
 
 
 def create_run_folder(root: str, run_id: str | None) -> RunFolder:
-    """Creates <root>/<run_id>/, refusing to reuse one that exists or a root that cannot be written.
+    """Creates <root>/<run_id>/, refusing to reuse one that exists or a local root that cannot be written.
 
     Raises:
-      BadInputError: the folder exists already, or the root is not a writable folder.
+      BadInputError: the run exists already, or the local root is not a writable folder.
     """
-    if "://" in root:
-        raise BadInputError(f"run.root={root!r}: remote storage is not supported yet; use a local folder")
+    run_id = run_id or new_run_id()
+    if storage.is_uri(root):
+        location = storage.join(root, run_id)
+        if storage.exists(location):
+            raise BadInputError(f"run {run_id!r} exists already in {root}; choose another run.id")
+        return RunFolder(location)  # object stores have no folders to create
     root_path = Path(root).expanduser().resolve()
     try:
         root_path.mkdir(parents=True, exist_ok=True)
@@ -50,11 +64,17 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
         raise BadInputError(f"run.root={root!r}: cannot create {root_path}: {error.strerror}") from None
     if not os.access(root_path, os.W_OK | os.X_OK):
         raise BadInputError(f"run.root={root!r}: {root_path} is not writable")
-    folder = root_path / (run_id or new_run_id())
+    folder = root_path / run_id
     try:
         folder.mkdir()
     except FileExistsError:
-        raise BadInputError(f"run {folder.name!r} exists already in {root_path}; choose another run.id") from None
+        raise BadInputError(f"run {run_id!r} exists already in {root_path}; choose another run.id") from None
     except OSError as error:
         raise BadInputError(f"cannot create the run folder {folder}: {error.strerror}") from None
-    return RunFolder(folder)
+    return RunFolder(str(folder))
+
+
+def remove_empty_run_folder(run: RunFolder) -> None:
+    """Undoes create_run_folder for a run refused before it wrote anything."""
+    if not storage.is_uri(run.location):
+        Path(run.location).rmdir()

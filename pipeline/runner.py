@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.config import Config
 from pipeline.run_folder import RunFolder
 from pipeline.tasks import SplitRefs, download_task, evaluate_task, preprocess_task, train_task
-from stages.atomic import write_json
+from stages import storage
 from stages.errors import BadInputError, PipelineError, QualityGateError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def check_cluster(config: Config) -> None:
             key = f"train.{resource.lower()}s_per_trial"
             raise BadInputError(f"{key}={amount:g} but the largest node offers {largest:g} {resource}s")
     possible_nodes = max(len(nodes), sum(count if count >= 0 else 2 for _, count in groups))
-    if possible_nodes > 1 and not config.run.shared_filesystem:
+    shared = config.run.shared_filesystem or storage.is_uri(config.run.root)
+    if possible_nodes > 1 and not shared:
         raise BadInputError(
             f"run.root={config.run.root!r} is a local folder but the cluster has (or may grow to) {possible_nodes} "
             "nodes: put it on a file system every node mounts at the same path (NFS, EFS...) and set "
@@ -123,7 +124,7 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
         raw = _get(download_task.remote(config.data, level))
     with _stage("preprocess", seconds):
         train_ref, validation_ref, test_ref, manifest_ref = preprocess_task.remote(
-            raw, config.data, config.run.seed, str(run.data_dir), level
+            raw, config.data, config.run.seed, run.data_dir, level
         )
         _get(manifest_ref)
     with _stage("train", seconds):
@@ -133,17 +134,17 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
         beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         outcome = _get(
             train_task.options(scheduling_strategy=beside_driver).remote(
-                splits, config.model, config.train, config.run.seed, str(run.path), level
+                splits, config.model, config.train, config.run.seed, run.location, level
             )
         )
     with _stage("evaluate", seconds):
         metrics = _get(
             evaluate_task.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0).remote(
-                outcome, test_ref, config.evaluate, str(run.model_dir), str(run.metrics_file), level
+                outcome, test_ref, config.evaluate, run.model_dir, run.metrics_file, level
             )
         )
-    summary = RunSummary(run.run_id, str(run.path), metrics, seconds)
-    write_json(run.summary_file, {
+    summary = RunSummary(run.run_id, run.location, metrics, seconds)
+    storage.write_json(run.summary_file, {
         "run_id": summary.run_id,
         "val_accuracy": metrics["val_accuracy"],
         "test_accuracy": metrics["test_accuracy"],

@@ -57,7 +57,7 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
         max_test_images=data.max_test_images,
     )
     info = manifest(splits, raw, validation_size=data.validation_size, seed=seed)
-    save_splits(splits, info, Path(data_dir))
+    save_splits(splits, info, data_dir)
     log.info(
         "dataset: %d train, %d validation, %d test images -> %s",
         len(splits.train), len(splits.validation), len(splits.test), data_dir,
@@ -87,23 +87,24 @@ def train_task(
 def evaluate_task(
     outcome, test, settings: EvaluateSection, model_dir: str, metrics_file: str, log_level: int
 ) -> dict[str, Any]:
-    from stages.atomic import write_json
+    from stages import storage
     from stages.evaluate import evaluate, export_model
     from stages.trial import configure_tensorflow
 
     _worker_logging(log_level)
     configure_tensorflow(1)
-    model, evaluation = evaluate(Path(outcome.best_checkpoint), test, batch_size=settings.batch_size)
-    exported = export_model(model, outcome.best_hyperparameters, Path(model_dir))
+    with outcome.best_checkpoint.as_directory() as checkpoint_folder:  # a download when the run is remote
+        model, evaluation = evaluate(Path(checkpoint_folder), test, batch_size=settings.batch_size)
+    exported = export_model(model, outcome.best_hyperparameters, model_dir)
     metrics = {
         "val_accuracy": outcome.best_val_accuracy,
         **evaluation.as_dict(),
         "best_trial_id": outcome.best_trial_id,
         "best_epoch": outcome.best_epoch,
         "hyperparameters": outcome.best_hyperparameters,
-        "checkpoint": outcome.best_checkpoint,
-        "model": str(exported),
+        "checkpoint": outcome.best_checkpoint_location,
+        "model": exported,
         "trials": [asdict(trial) for trial in outcome.trials],
     }
-    write_json(Path(metrics_file), metrics)
+    storage.write_json(metrics_file, metrics)
     return metrics

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import storage
 from stages.atomic import atomic_path, write_json
 from stages.idx import NUM_CLASSES
 from stages.preprocess import LabeledImages
@@ -81,21 +82,22 @@ def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
     )
 
 
-def export_model(model, hyperparameters: dict, folder: Path) -> Path:
-    """Writes `model.keras` (architecture and weights, uncompiled: no optimizer state) and `hyperparameters.json`.
+def export_model(model, hyperparameters: dict, location: str) -> str:
+    """Writes `model.keras` (architecture and weights, uncompiled: no optimizer state) and `hyperparameters.json`
+    into the folder or URI `location`.
 
     Returns:
-      The path of the exported model.
+      The location of the exported model.
     """
     import keras
 
     inference_model = keras.models.clone_model(model)
     inference_model.set_weights(model.get_weights())
-    target = folder / EXPORTED_MODEL
-    with atomic_path(target) as temp:
-        inference_model.save(temp)
-    write_json(folder / EXPORTED_HYPERPARAMETERS, hyperparameters)
-    return target
+    with storage.local_folder_for(location) as folder:
+        with atomic_path(folder / EXPORTED_MODEL) as temp:
+            inference_model.save(temp)
+        write_json(folder / EXPORTED_HYPERPARAMETERS, hyperparameters)
+    return storage.join(location, EXPORTED_MODEL)
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -6,12 +6,13 @@ object store as it is.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stages.atomic import atomic_file, write_json
+from stages import storage
 from stages.download import RawFiles
 from stages.errors import BadInputError
 from stages.idx import NUM_CLASSES, read_labeled_images
@@ -115,23 +116,23 @@ def manifest(splits: Splits, raw: RawFiles, *, validation_size: int, seed: int) 
     }
 
 
-def save_splits(splits: Splits, info: dict, folder: Path) -> Path:
-    """Writes `dataset.npz` and `manifest.json` into `folder`, each atomically; returns the dataset's path."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_splits(splits: Splits, info: dict, location: str) -> str:
+    """Writes `dataset.npz` and `manifest.json` into the folder or URI `location`; returns the dataset's location."""
     arrays = {}
     for name, split in _named(splits):
         arrays[f"{name}_images"] = split.images
         arrays[f"{name}_labels"] = split.labels
-    dataset = folder / "dataset.npz"
-    with atomic_file(dataset) as f:
-        np.savez(f, **arrays)
-    write_json(folder / "manifest.json", info)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    dataset = storage.join(location, "dataset.npz")
+    storage.write_bytes(dataset, buffer.getvalue())
+    storage.write_json(storage.join(location, "manifest.json"), info)
     return dataset
 
 
-def load_splits(dataset: Path) -> Splits:
+def load_splits(dataset: str | Path) -> Splits:
     """Reads what `save_splits` wrote."""
-    with np.load(dataset, allow_pickle=False) as arrays:
+    with np.load(io.BytesIO(storage.read_bytes(str(dataset))), allow_pickle=False) as arrays:
         return Splits(
             **{name: LabeledImages(arrays[f"{name}_images"], arrays[f"{name}_labels"]) for name in _SPLIT_NAMES}
         )

@@ -42,7 +42,8 @@ class TuneOutcome:
     best_hyperparameters: dict[str, Any]
     best_val_accuracy: float
     best_epoch: int
-    best_checkpoint: str  # a folder holding model.keras and state.json
+    best_checkpoint: tune.Checkpoint  # a folder holding model.keras and state.json
+    best_checkpoint_location: str  # the same, as a path or URI for people
     experiment_path: str
     trials: list[TrialSummary] = field(default_factory=list)
 
@@ -157,10 +158,16 @@ def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
         best_hyperparameters=trial.hyperparameters,
         best_val_accuracy=best,
         best_epoch=best_epoch,
-        best_checkpoint=checkpoint.path,
+        best_checkpoint=checkpoint,
+        best_checkpoint_location=_location(checkpoint),
         experiment_path=experiment_path,
         trials=trials,
     )
+
+
+def _location(checkpoint: tune.Checkpoint) -> str:
+    scheme = checkpoint.filesystem.type_name
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
 def _plain(value):

@@ -56,7 +56,8 @@ class RayNodes:
         port = free_port()
         subprocess.run(
             [RAY, "start", *args, f"--num-cpus={cpus}", "--object-store-memory=300000000",
-             f"--node-manager-port={port}", "--disable-usage-stats"],
+             f"--node-manager-port={port}", f"--dashboard-agent-listen-port={free_port()}",
+             "--disable-usage-stats"],
             check=True, capture_output=True, env=ENV, timeout=120,
         )
         self.node_manager_ports.append(port)

@@ -41,7 +41,7 @@ def test_quick_config_is_valid_and_small():
 
 def test_cluster_config_shares_the_run_folder_and_uses_gpus():
     config = load_config(CONFIGS / "cluster.yaml")
-    assert config.run.shared_filesystem and config.train.gpus_per_trial > 0
+    assert config.run.root.startswith("s3://") and config.train.gpus_per_trial > 0
 
 
 def test_overrides_are_yaml_and_merge_into_sections(tmp_path):

@@ -33,7 +33,7 @@ def test_exported_model_loads_safely_and_predicts_the_same(tmp_path):
     hp = Hyperparameters(conv1_filters=4, conv2_filters=4, dense_units=8)
     model = build_model(hp)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    path = export_model(model, hp.model_dump(), tmp_path)
+    path = export_model(model, hp.model_dump(), str(tmp_path))
     reloaded = keras.models.load_model(path, safe_mode=True)
     assert np.allclose(reloaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
     assert json.loads((tmp_path / "hyperparameters.json").read_text()) == hp.model_dump()

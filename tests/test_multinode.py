@@ -133,11 +133,15 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, mnist_mirror):
         command = ["python", *command[1:]]
         command.remove("--address")
         command.remove("auto")
-        result = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "job", "submit",
-             "--address", f"http://127.0.0.1:{nodes.dashboard_port}", "--working-dir", ".", "--", *command],
-            capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
-        )
+        for _ in range(30):  # the head's job agent takes a few seconds after `ray start` to accept jobs
+            result = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "job", "submit",
+                 "--address", f"http://127.0.0.1:{nodes.dashboard_port}", "--working-dir", ".", "--", *command],
+                capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
+            )
+            if "No available agent to submit job" not in result.stdout + result.stderr:
+                break
+            time.sleep(2)
     finally:
         nodes.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -54,7 +54,7 @@ def test_a_validation_set_as_large_as_the_data_is_refused(raw_files):
 def test_saved_dataset_round_trips_with_its_manifest(raw_files, tmp_path):
     small = preprocess(raw_files, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
     info = manifest(small, raw_files, validation_size=100, seed=0)
-    save_splits(small, info, tmp_path)
+    save_splits(small, info, str(tmp_path))
     loaded = load_splits(tmp_path / "dataset.npz")
     for name in ("train", "validation", "test"):
         assert np.array_equal(getattr(loaded, name).images, getattr(small, name).images)

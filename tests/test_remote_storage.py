@@ -1,0 +1,96 @@
+"""A run whose root is object storage (s3://, through pyarrow as Tune uses it), against a local S3 server (moto).
+
+Every artifact, Tune's checkpoints included, must land in the bucket; the evaluate stage reads the best
+checkpoint back from it.
+"""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MOTO = Path(sys.executable).parent / "moto_server"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_root():
+    """s3://runs/experiments on a moto server on loopback, as a pyarrow URI; yields (uri, filesystem)."""
+    import pyarrow.fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        filesystem = pyarrow.fs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+            access_key="testing", secret_key="testing", allow_bucket_creation=True,
+        )
+        filesystem.create_dir("runs")
+        yield f"s3://runs/experiments?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", filesystem
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_run_on_object_storage(s3_root, tmp_path, mnist_mirror):
+    import pyarrow.fs
+
+    root, filesystem = s3_root
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "pipeline", "run", "--run-id", "remote",
+            "--set", f"run.root={root}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", f"data.mirrors=[{mnist_mirror}]", "--set", "data.max_train_images=2000",
+            "--set", "data.validation_size=400", "--set", "data.max_test_images=500", "--set", "train.epochs=2",
+            "--set", "train.num_samples=2", "--set", "train.scheduler=fifo", "--set", "train.search_space={}",
+            "--set", "ray.num_cpus=2", "--set", "ray.include_dashboard=false",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**os.environ, **CREDENTIALS, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = {
+        info.path.removeprefix("runs/experiments/remote/")
+        for info in filesystem.get_file_info(pyarrow.fs.FileSelector("runs/experiments/remote", recursive=True))
+        if info.type == pyarrow.fs.FileType.File
+    }
+    for artifact in ["config.yaml", "pipeline.log", "summary.json", "metrics.json", "data/dataset.npz",
+                     "data/manifest.json", "model/model.keras", "model/hyperparameters.json"]:
+        assert artifact in files, artifact
+    assert any(name.startswith("tune/") and name.endswith("checkpoint_000001/model.keras") for name in files)
+    assert not (REPO / "s3:").exists(), "a URI root was mistaken for a local folder"
+
+    def read(name):
+        with filesystem.open_input_stream(f"runs/experiments/remote/{name}") as source:
+            return source.read()
+
+    metrics = json.loads(read("metrics.json"))
+    assert metrics["checkpoint"].startswith("s3://runs/experiments/remote/tune/")
+    import keras
+
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(read("model/model.keras"))
+    model = keras.models.load_model(model_file, safe_mode=True)
+    with np.load(io.BytesIO(read("data/dataset.npz"))) as dataset:
+        images, labels = dataset["test_images"], dataset["test_labels"]
+    accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))
+    assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
