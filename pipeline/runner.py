@@ -183,6 +183,7 @@ def format_summary(summary: RunSummary) -> str:
         f"  val accuracy:    {metrics['val_accuracy']:.4f}",
         f"  test accuracy:   {metrics['test_accuracy']:.4f} (loss {metrics['test_loss']:.4f}, "
         f"{metrics['test_images']} images)",
+        f"  trial nodes:     {', '.join(node[:12] for node in nodes)}",
         f"  stage times:     {times}",
         f"  artifacts:       {summary.folder}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -12,6 +13,8 @@ import numpy as np
 
 from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
@@ -27,11 +30,15 @@ def configure_tensorflow(cpus: float, *, mixed_precision: bool = False) -> None:
     import tensorflow as tf
 
     threads = max(1, math.floor(cpus))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    for gpu in tf.config.list_physical_devices("GPU"):
-        # fractional GPUs: several trials share one card, so none may take all its memory up front
-        tf.config.experimental.set_memory_growth(gpu, True)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            # fractional GPUs: several trials share one card, so none may take all its memory up front
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        # TensorFlow already ran in this process (a reused Ray worker): it keeps the settings it started with
+        log.info("TensorFlow was initialised before; its thread and GPU settings stay as they were")
     if mixed_precision:
         import keras
 

@@ -35,3 +35,20 @@ def test_every_optimizer_trains_a_step(optimizer):
 def test_cosine_schedule_needs_its_length():
     with pytest.raises(ValueError, match="decay_steps"):
         build_model(Hyperparameters(lr_schedule="cosine"))
+
+
+def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
+    import keras
+
+    from stages.trial import configure_tensorflow
+
+    try:
+        configure_tensorflow(1, mixed_precision=True)
+        model = build_model(Hyperparameters(conv1_filters=4, conv2_filters=4, dense_units=8))
+        conv = next(layer for layer in model.layers if layer.__class__.__name__ == "Conv2D")
+        assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
+        assert model.output.dtype == "float32"
+        history = model.fit(np.zeros((8, 28, 28), np.uint8), np.arange(8, dtype=np.uint8), epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
