@@ -94,7 +94,7 @@ def check_cluster(config: Config) -> None:
     if possible_nodes > 1 and not shared:
         raise BadInputError(
             f"run.root={config.run.root!r} is a local folder but the cluster has (or may grow to) {possible_nodes} "
-            "nodes: put it on a file system every node mounts at the same path (NFS, EFS...) and set "
+            "nodes: use an s3:// or gs:// run.root, or a folder every node mounts at the same path (NFS) with "
             "run.shared_filesystem=true"
         )
 
