@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages.errors import BadInputError, PipelineError
+from stages.redact import redact
 
 log = logging.getLogger("pipeline")
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         if args.debug:
             log.exception("failed")
-        print(f"mnist-pipeline: error: {error}", file=sys.stderr)
+        print(f"mnist-pipeline: error: {redact(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("mnist-pipeline: interrupted", file=sys.stderr)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug or an environment problem: one line, the traceback with --debug
         if args.debug:
             raise
-        print(f"mnist-pipeline: error: {type(error).__name__}: {_first_line(error)} (rerun with --debug)",
+        print(f"mnist-pipeline: error: {type(error).__name__}: {redact(_first_line(error))} (rerun with --debug)",
               file=sys.stderr)
         return 1
 
@@ -102,7 +103,7 @@ def _run(config) -> int:
             raise
         storage.write_bytes(run.config_file, config.to_yaml().encode())
         with _run_log(run):
-            log.info("run %s: artifacts in %s", run.run_id, run.location)
+            log.info("run %s: artifacts in %s", run.run_id, redact(run.location))
             if dashboard:
                 log.info("Ray dashboard: %s", dashboard)
             summary = run_pipeline(config, run)

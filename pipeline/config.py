@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from stages.download import DEFAULT_MIRRORS
 from stages.errors import BadInputError
 from stages.hyperparameters import Hyperparameters
+from stages.redact import redact_data
 from stages.train_settings import TrainSettings, did_you_mean
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -145,7 +146,8 @@ class Config(BaseModel):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(to_plain(self), sort_keys=False)
+        """The config as YAML, credentials in URIs replaced by *** (it is printed and saved with the run)."""
+        return yaml.safe_dump(redact_data(to_plain(self)), sort_keys=False)
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:

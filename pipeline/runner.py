@@ -18,6 +18,7 @@ from pipeline.run_folder import RunFolder
 from pipeline.tasks import SplitRefs, download_task, evaluate_task, preprocess_task, train_task
 from stages import storage
 from stages.errors import BadInputError, PipelineError, QualityGateError
+from stages.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def check_quality_gate(config: Config, summary: RunSummary) -> None:
     if gate is not None and accuracy < gate:
         raise QualityGateError(
             f"test accuracy {accuracy:.4f} is below evaluate.min_test_accuracy={gate} "
-            f"(artifacts kept in {summary.folder})"
+            f"(artifacts kept in {redact(summary.folder)})"
         )
 
 
@@ -185,7 +186,7 @@ def format_summary(summary: RunSummary) -> str:
         f"{metrics['test_images']} images)",
         f"  trial nodes:     {', '.join(node[:12] for node in nodes)}",
         f"  stage times:     {times}",
-        f"  artifacts:       {summary.folder}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
+        f"  artifacts:       {redact(summary.folder)}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
     ]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ import ray
 
 from pipeline.config import DataSection, EvaluateSection
 from stages.hyperparameters import Hyperparameters
+from stages.redact import redact
 from stages.train_settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
     save_splits(splits, info, data_dir)
     log.info(
         "dataset: %d train, %d validation, %d test images -> %s",
-        len(splits.train), len(splits.validation), len(splits.test), data_dir,
+        len(splits.train), len(splits.validation), len(splits.test), redact(data_dir),
     )
     return splits.train, splits.validation, splits.test, info
 
@@ -103,7 +104,7 @@ def evaluate_task(
         "best_epoch": outcome.best_epoch,
         "hyperparameters": outcome.best_hyperparameters,
         "checkpoint": outcome.best_checkpoint_location,
-        "model": exported,
+        "model": redact(exported),
         "trials": [asdict(trial) for trial in outcome.trials],
     }
     storage.write_json(metrics_file, metrics)

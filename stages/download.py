@@ -7,6 +7,7 @@ under a temporary name and renamed into place, so the cache only ever holds comp
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import logging
@@ -21,6 +22,7 @@ from typing import BinaryIO, Sequence
 
 from stages.atomic import atomic_file
 from stages.errors import BadInputError, DownloadError
+from stages.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ def check_mirror(mirror: str) -> None:
     if scheme in ("http", "https"):
         return
     if scheme not in ("", "file") and len(scheme) > 1:  # one letter: a Windows drive, not a scheme
-        raise BadInputError(f"unsupported mirror scheme '{scheme}://' in {mirror!r} (use a path, file://, http(s)://)")
+        raise BadInputError(
+            f"unsupported mirror scheme '{scheme}://' in {redact(mirror)!r} (use a path, file://, http(s)://)"
+        )
     folder = _local_folder(mirror)
     if not folder.is_dir():
         problem = "is a file, not a folder" if folder.exists() else "no such folder"
@@ -131,20 +135,20 @@ def _fetch_verified(
         for attempt in range(retries + 1):
             try:
                 with _open_from_mirror(mirror, name, timeout_s) as (source, total, where):
-                    log.info("%s: fetching from %s", name, where)
+                    log.info("%s: fetching from %s", name, redact(where))
                     _write_verified(source, total, name, sha256, target)
                 log.info("%s: verified and cached (%s)", name, target)
                 return
             except _Transient as error:
                 if attempt < retries:
                     pause = backoff_s * 2**attempt
-                    log.warning("%s from %s: %s; retrying in %.1fs", name, mirror, error, pause)
+                    log.warning("%s from %s: %s; retrying in %.1fs", name, redact(mirror), error, pause)
                     time.sleep(pause)
                     continue
-                failures.append(f"{mirror}: {error} (after {retries + 1} attempts)")
+                failures.append(f"{redact(mirror)}: {error} (after {retries + 1} attempts)")
             except _Permanent as error:
-                log.warning("%s from %s: %s; trying the next mirror", name, mirror, error)
-                failures.append(f"{mirror}: {error}")
+                log.warning("%s from %s: %s; trying the next mirror", name, redact(mirror), error)
+                failures.append(f"{redact(mirror)}: {error}")
             break
     raise DownloadError(
         f"could not download a verified {name} from any mirror ({'; '.join(failures) or 'no mirrors configured'}); "
@@ -161,14 +165,16 @@ class _open_from_mirror:
 
     def __enter__(self) -> tuple[BinaryIO, int | None, str]:
         if urllib.parse.urlsplit(self.mirror).scheme in ("http", "https"):
-            url = self.mirror.rstrip("/") + "/" + self.name + ".gz"
+            url, request = _request_for(self.mirror, self.name + ".gz")
             try:
-                response = urllib.request.urlopen(url, timeout=self.timeout_s)  # noqa: S310 (scheme checked above)
+                response = urllib.request.urlopen(request, timeout=self.timeout_s)  # noqa: S310 (scheme checked)
             except urllib.error.HTTPError as error:
                 failure = _Transient if error.code >= 500 or error.code == 429 else _Permanent
                 raise failure(f"HTTP {error.code} {error.reason}") from None
             except (urllib.error.URLError, OSError) as error:
                 raise _Transient(_describe(error)) from None
+            except (ValueError, http.client.InvalidURL) as error:
+                raise _Permanent(f"invalid URL: {error}") from None
             self._stream = response
             length = response.headers.get("Content-Length")
             return response, int(length) if length and length.isdigit() else None, url
@@ -182,6 +188,22 @@ class _open_from_mirror:
     def __exit__(self, *exc_info) -> None:
         if self._stream is not None:
             self._stream.close()
+
+
+def _request_for(mirror: str, file_name: str) -> tuple[str, urllib.request.Request]:
+    """The file's URL under `mirror` (its query kept) and a request carrying any user:password as basic auth."""
+    parts = urllib.parse.urlsplit(mirror)
+    path = parts.path.rstrip("/") + "/" + file_name
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, path, parts.query, ""))
+    request = urllib.request.Request(url)
+    if parts.username:
+        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+    return url, request
 
 
 def _write_verified(source: BinaryIO, total: int | None, name: str, sha256: str, target: Path) -> None:

@@ -45,6 +45,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
 
     folder: Path
     requests: list[str]
+    authorizations: list[str | None]
     flaky_seen: set[str]
 
     def log_message(self, *args) -> None:  # keep test output clean
@@ -52,7 +53,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.requests.append(self.path)
-        _, behaviour, name = self.path.split("/", 2)
+        self.authorizations.append(self.headers.get("Authorization"))
+        _, behaviour, name = self.path.partition("?")[0].split("/", 2)
         source = self.folder / name
         if behaviour == "missing" or not source.is_file():
             return self.send_error(404, "Not Found")
@@ -77,7 +79,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="session")
 def mirror_server(mnist_mirror):
     """A loopback HTTP server over the real MNIST files, for the whole test session; see MirrorHandler."""
-    handler = type("Handler", (MirrorHandler,), {"folder": mnist_mirror, "requests": [], "flaky_seen": set()})
+    state = {"folder": mnist_mirror, "requests": [], "authorizations": [], "flaky_seen": set()}
+    handler = type("Handler", (MirrorHandler,), state)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -90,8 +93,10 @@ def mirror_server(mnist_mirror):
 
 @pytest.fixture
 def http_mirror(mirror_server):
-    """The loopback mirror with a fresh request log (`.requests`) and fresh flaky state."""
+    """The loopback mirror with a fresh request log (`.requests`, `.authorizations`) and fresh flaky state."""
     mirror_server.handler.requests.clear()
+    mirror_server.handler.authorizations.clear()
     mirror_server.handler.flaky_seen.clear()
     mirror_server.requests = mirror_server.handler.requests
+    mirror_server.authorizations = mirror_server.handler.authorizations
     return mirror_server
