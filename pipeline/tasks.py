@@ -47,18 +47,19 @@ def download_task(data: DataSection, log_level: int):
 
 @ray.remote(num_cpus=1, num_returns=4)
 def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level: int):
-    from stages.preprocess import manifest, preprocess, save_splits
+    from stages.dataset_cache import cached_preprocess
+    from stages.preprocess import save_splits
 
     _worker_logging(log_level)
-    splits = preprocess(
+    splits, info, _ = cached_preprocess(
         raw,
+        Path(data.cache_dir).expanduser(),
         validation_size=data.validation_size,
         seed=seed,
         max_train_images=data.max_train_images,
         max_test_images=data.max_test_images,
     )
-    info = manifest(splits, raw, validation_size=data.validation_size, seed=seed)
-    save_splits(splits, info, data_dir)
+    save_splits(splits, info, data_dir)  # the run folder keeps its own copy: it must stand on its own
     log.info(
         "dataset: %d train, %d validation, %d test images -> %s",
         len(splits.train), len(splits.validation), len(splits.test), redact(data_dir),

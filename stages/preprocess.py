@@ -6,6 +6,7 @@ object store as it is.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,8 @@ def save_splits(splits: Splits, info: dict, location: str) -> str:
     np.savez(buffer, **arrays)
     dataset = storage.join(location, "dataset.npz")
     storage.write_bytes(dataset, buffer.getvalue())
+    # the manifest goes last and names the dataset's checksum: a folder with a manifest holds a complete dataset
+    info = {**info, "dataset_sha256": hashlib.sha256(buffer.getbuffer()).hexdigest()}
     storage.write_json(storage.join(location, "manifest.json"), info)
     return dataset
 

@@ -112,4 +112,4 @@ def test_manifest_describes_the_slice(finished_run):
     manifest = json.loads((folder / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shape"] == [2500, 28, 28]
     assert manifest["splits"]["validation"]["shape"] == [500, 28, 28]
-    assert manifest["seed"] == 0
+    assert manifest["seed"] == 0 and len(manifest["fingerprint"]) == 64 and len(manifest["dataset_sha256"]) == 64

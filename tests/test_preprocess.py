@@ -64,3 +64,26 @@ def test_saved_dataset_round_trips_with_its_manifest(raw_files, tmp_path):
     assert sum(written["splits"]["train"]["class_counts"]) == 900
     assert written["source_sha256"]["train-images-idx3-ubyte"].startswith("ba891046")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.npz", "manifest.json"]
+
+
+def test_an_identical_split_is_reused_from_the_cache_and_verified(raw_files, tmp_path, caplog):
+    import logging
+
+    from stages.dataset_cache import cached_preprocess
+
+    settings = dict(validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
+    first, info, reused = cached_preprocess(raw_files, tmp_path, **settings)
+    assert not reused and info["fingerprint"] and info["dataset_sha256"]
+    with caplog.at_level(logging.INFO):
+        second, info_again, reused = cached_preprocess(raw_files, tmp_path, **settings)
+    assert reused and info_again == info and "reusing the verified split" in caplog.text
+    assert np.array_equal(second.validation.images, first.validation.images)
+
+    _, _, reused = cached_preprocess(raw_files, tmp_path, **{**settings, "seed": 1})
+    assert not reused, "another seed is another split"
+
+    cached = tmp_path / "datasets" / info["fingerprint"] / "dataset.npz"
+    cached.write_bytes(cached.read_bytes()[:-10])  # a damaged cache entry is never trusted
+    third, _, reused = cached_preprocess(raw_files, tmp_path, **settings)
+    assert not reused and np.array_equal(third.train.labels, first.train.labels)
+    assert len(list((tmp_path / "datasets").iterdir())) == 2

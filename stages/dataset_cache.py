@@ -1,0 +1,59 @@
+"""Reusing a verified dataset: a run whose source files, split settings and preprocessing code are those of an
+earlier run takes that run's split instead of computing it again.
+
+Cached splits live in <cache_dir>/datasets/<fingerprint>/ beside the downloads, written like any run's data/ folder
+(dataset first, manifest last with the dataset's sha256), and are used only if the checksum still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from pathlib import Path
+
+from stages import idx, preprocess
+from stages.download import RawFiles
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(raw: RawFiles, **settings) -> str:
+    """Identifies a split: the source files' checksums, the split settings, and the code that computes it."""
+    code = hashlib.sha256((inspect.getsource(preprocess) + inspect.getsource(idx)).encode()).hexdigest()
+    identity = {"sources": raw.sha256, "settings": settings, "code": code}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def cached_preprocess(raw: RawFiles, cache_dir: Path, **settings) -> tuple[preprocess.Splits, dict, bool]:
+    """`preprocess.preprocess(raw, **settings)`, or the verified split an earlier run made with the same inputs.
+
+    Returns:
+      (splits, manifest, whether the split came from the cache).
+    """
+    key = fingerprint(raw, **settings)
+    folder = cache_dir / "datasets" / key
+    cached = _load_verified(folder, key)
+    if cached is not None:
+        log.info("dataset: reusing the verified split %s (same source files, split settings and code)", key[:12])
+        return (*cached, True)
+    splits = preprocess.preprocess(raw, **settings)
+    info = {
+        **preprocess.manifest(splits, raw, validation_size=settings["validation_size"], seed=settings["seed"]),
+        "fingerprint": key,
+    }
+    preprocess.save_splits(splits, info, str(folder))
+    return splits, json.loads((folder / "manifest.json").read_text()), False
+
+
+def _load_verified(folder: Path, key: str) -> tuple[preprocess.Splits, dict] | None:
+    try:
+        info = json.loads((folder / "manifest.json").read_text())
+        data = (folder / "dataset.npz").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if info.get("fingerprint") != key or hashlib.sha256(data).hexdigest() != info.get("dataset_sha256"):
+        log.warning("dataset: the cached split in %s does not verify; computing it again", folder)
+        return None
+    return preprocess.load_splits(folder / "dataset.npz"), info
