@@ -153,7 +153,7 @@ def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
         "hyperparameters": metrics["hyperparameters"],
         "stage_seconds": seconds,
         "trials": len(metrics["trials"]),
-        "failed_trials": [t["trial_id"] for t in metrics["trials"] if t["status"] == "ERROR"],
+        "failed_trials": {t["trial_id"]: t["error"] for t in metrics["trials"] if t["status"] == "ERROR"},
     })
     return summary
 
@@ -172,14 +172,14 @@ def check_quality_gate(config: Config, summary: RunSummary) -> None:
 def format_summary(summary: RunSummary) -> str:
     metrics = summary.metrics
     hyperparameters = ", ".join(f"{k}={_short(v)}" for k, v in metrics["hyperparameters"].items())
-    failed = [t["trial_id"] for t in metrics["trials"] if t["status"] == "ERROR"]
+    failed = [f"{t['trial_id']} ({_clip(t['error'])})" for t in metrics["trials"] if t["status"] == "ERROR"]
     times = ", ".join(f"{stage} {_duration(summary.stage_seconds[stage])}" for stage in STAGES)
     nodes = sorted({node for trial in metrics["trials"] for node in trial["nodes"]})
     lines = [
         f"run {summary.run_id} finished in {_duration(sum(summary.stage_seconds.values()))}",
         f"  best trial:      {metrics['best_trial_id']} (epoch {metrics['best_epoch']}) "
         f"of {len(metrics['trials'])} trials on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
-        + (f"; failed: {', '.join(failed)}" if failed else ""),
+        + (f"; failed after retries: {'; '.join(failed)}" if failed else ""),
         f"  hyperparameters: {hyperparameters}",
         f"  val accuracy:    {metrics['val_accuracy']:.4f}",
         f"  test accuracy:   {metrics['test_accuracy']:.4f} (loss {metrics['test_loss']:.4f}, "
@@ -209,6 +209,11 @@ def _get(ref):
         if isinstance(cause, PipelineError):
             raise cause from None
         raise
+
+
+def _clip(text: str | None, limit: int = 100) -> str:
+    text = (text or "unknown error").strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _duration(seconds: float) -> str:
