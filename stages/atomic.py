@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}")
+    owner = f"{socket.gethostname()}.{os.getpid()}"  # lets a later run tell a crashed writer's leftovers apart
+    handle, temp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.{owner}.", suffix=f".part{path.suffix}"
+    )
     os.close(handle)
     temp = Path(temp_name)
     try:
@@ -28,6 +33,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def sweep_stale_parts(folder: Path) -> list[Path]:
+    """Removes the temporary files of writers on this host that died before renaming them (kill -9, power loss).
+
+    Files of live writers, and of writers on other hosts sharing the folder, are left alone. Returns what was removed.
+    """
+    host = socket.gethostname()
+    removed = []
+    for part in folder.glob(".*.part*"):
+        match = re.match(rf"^\.(.+)\.{re.escape(host)}\.(\d+)\.[^.]+\.part", part.name)
+        if match and not _alive(int(match.group(2))):
+            part.unlink(missing_ok=True)
+            removed.append(part)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

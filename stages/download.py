@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-from stages.atomic import atomic_file
+from stages.atomic import atomic_file, sweep_stale_parts
 from stages.errors import BadInputError, DownloadError
 from stages.redact import redact
 
@@ -90,6 +90,8 @@ def download(
       DownloadError: some file could not be fetched and verified from any mirror.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in sweep_stale_parts(cache_dir):
+        log.info("removed %s, left by a download that was killed", leftover.name)
     paths = {}
     for name, (sha256, size) in CANONICAL_FILES.items():
         target = cache_dir / name

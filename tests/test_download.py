@@ -84,3 +84,34 @@ def test_retries_give_up_after_the_configured_attempts(http_mirror, tmp_path):
 def test_mirrors_that_can_never_work_are_refused_up_front(mirror, problem):
     with pytest.raises(BadInputError, match=problem):
         check_mirror(mirror)
+
+
+def test_leftovers_of_a_killed_download_are_swept_and_live_ones_kept(mnist_mirror, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    # a real download process, killed with SIGKILL while it writes the largest file
+    script = (
+        "import sys, time; from pathlib import Path; import stages.download as d\n"
+        "def slow(*a):\n"
+        "    a[1].write(b'partial'); a[1].flush(); print('writing', flush=True); time.sleep(60)\n"
+        "d._copy_decompressing = slow\n"
+        f"d.download([{str(mnist_mirror)!r}], Path({str(tmp_path)!r}))\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait()
+    leftovers = list(tmp_path.glob(".*.part*"))
+    assert len(leftovers) == 1 and f".{socket.gethostname()}.{writer.pid}." in leftovers[0].name
+    live = tmp_path / f".other.{socket.gethostname()}.{os.getpid()}.abc123.part"
+    live.write_bytes(b"still being written")
+
+    download([str(mnist_mirror)], tmp_path)
+    _assert_cache_complete_except(tmp_path, live)
+
+
+def _assert_cache_complete_except(cache, live):
+    names = sorted(p.name for p in cache.iterdir())
+    assert names == sorted([*CANONICAL_FILES, live.name]), names
