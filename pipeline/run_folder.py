@@ -34,8 +34,7 @@ _ARTIFACTS = {
     "model_dir": "model",  # model.keras and hyperparameters.json
     "metrics_file": "metrics.json",
     "summary_file": "summary.json",
-    "log_file": "pipeline.log",
-}  # and tune/, the Tune experiment: trials, checkpoints, TensorBoard event files
+}  # and pipeline.log (the driver's log), tune/ (the Tune experiment: trials, checkpoints, TensorBoard event files)
 
 
 def new_run_id() -> str:

@@ -67,11 +67,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         yield f
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    with atomic_file(path) as f:
-        f.write(text.encode())
-
-
 def write_json(path: Path, data: object) -> None:
     """Writes `data` as indented JSON, atomically."""
-    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+    with atomic_file(path) as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode())

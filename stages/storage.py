@@ -47,14 +47,6 @@ def exists(location: str) -> bool:
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
-def make_folder(location: str) -> None:
-    if is_uri(location):
-        filesystem, path = _filesystem(location)
-        filesystem.create_dir(path, recursive=True)
-    else:
-        Path(location).mkdir(parents=True, exist_ok=True)
-
-
 def write_bytes(location: str, data: bytes) -> None:
     """Writes a whole file; a reader sees the old content or the new, never a part."""
     if is_uri(location):
