@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -66,8 +65,3 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     with atomic_path(path) as temp, temp.open("wb") as f:
         yield f
 
-
-def write_json(path: Path, data: object) -> None:
-    """Writes `data` as indented JSON, atomically."""
-    with atomic_file(path) as f:
-        f.write((json.dumps(data, indent=2) + "\n").encode())

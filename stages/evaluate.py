@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import storage
-from stages.atomic import atomic_path, write_json
+from stages.atomic import atomic_path
 from stages.idx import NUM_CLASSES
 from stages.preprocess import LabeledImages
 
@@ -96,7 +96,7 @@ def export_model(model, hyperparameters: dict, location: str) -> str:
     with storage.local_folder_for(location) as folder:
         with atomic_path(folder / EXPORTED_MODEL) as temp:
             inference_model.save(temp)
-        write_json(folder / EXPORTED_HYPERPARAMETERS, hyperparameters)
+        storage.write_json(str(folder / EXPORTED_HYPERPARAMETERS), hyperparameters)
     return storage.join(location, EXPORTED_MODEL)
 
 

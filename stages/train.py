@@ -14,7 +14,7 @@ from stages.errors import TrainingError
 from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
 from stages.train_settings import TrainSettings
-from stages.trial import run_trial
+from stages.trial import run_trial, to_python
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
             TrialSummary(
                 trial_id=trial_id,
                 status="ERROR" if result.error else "TERMINATED",
-                hyperparameters={k: _plain(v) for k, v in (result.config or {}).items()},
+                hyperparameters={k: to_python(v) for k, v in (result.config or {}).items()},
                 epochs=int(history["epoch"].max()) if has_history else 0,
                 best_val_accuracy=best,
                 nodes=sorted(history["node_id"].dropna().unique().tolist()) if has_history else [],
@@ -168,10 +168,6 @@ def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
 def _location(checkpoint: tune.Checkpoint) -> str:
     scheme = checkpoint.filesystem.type_name
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
 
 
 def _one_line(error: BaseException) -> str:

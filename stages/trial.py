@@ -98,7 +98,7 @@ def run_trial(
 
     from stages.model import build_model
 
-    hp = Hyperparameters.model_validate({key: _plain(value) for key, value in config.items()})
+    hp = Hyperparameters.model_validate({key: to_python(value) for key, value in config.items()})
     keras.utils.set_random_seed(seed)
     threads = max(1, math.floor(cpus))
     train_batches = make_dataset(train_data, hp.batch_size, threads=threads, shuffle_seed=seed)
@@ -133,6 +133,6 @@ def run_trial(
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _plain(value):
-    """Tune may sample numpy scalars; the validated hyperparameters want Python ones."""
+def to_python(value):
+    """Tune may sample numpy scalars; validated hyperparameters and JSON want Python ones."""
     return value.item() if isinstance(value, np.generic) else value
