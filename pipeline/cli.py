@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="join a running Ray cluster ('auto' or HOST:PORT) instead of starting a local Ray",
     )
     run.add_argument("--run-id", metavar="ID", help="name of the run folder (default: a new timestamped id)")
+    run.add_argument(
+        "--resume", metavar="RUN",
+        help="continue an interrupted run (a run id under run.root, or the run's folder or URI) with its own "
+        "config.yaml; finished stages are skipped, Tune restores its experiment",
+    )
 
     show = commands.add_parser("config", help="print the resolved config (file + overrides) and exit")
     add_config_arguments(show)
@@ -73,6 +78,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        return _resume(args, overrides)
     if getattr(args, "run_id", None):
         overrides.append(f"run.id={json.dumps(args.run_id)}")  # JSON quoting: the id stays a string
     if getattr(args, "address", None):
@@ -84,8 +91,36 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(config)
 
 
-def _run(config) -> int:
-    from pipeline.run_folder import create_run_folder, remove_empty_run_folder
+def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pipeline.config import load_config, load_run_config
+    from stages import storage
+
+    if args.config is not None:
+        raise BadInputError(
+            "--resume continues a run with its own config.yaml: change settings with --set, not --config"
+        )
+    if args.run_id:
+        raise BadInputError("--resume RUN names the run already: leave out --run-id")
+    if args.address:
+        overrides.append(f"ray.address={json.dumps(args.address)}")
+    if storage.is_uri(args.resume) or "/" in args.resume:
+        location = args.resume if storage.is_uri(args.resume) else str(Path(args.resume).expanduser().resolve())
+    else:  # a run id: look in run.root (the default, or as --set gives it)
+        root = load_config(None, overrides).run.root
+        location = storage.join(root if storage.is_uri(root) else str(Path(root).expanduser().resolve()), args.resume)
+    # the folder may have moved since the run started: it is where it is now
+    overrides += [
+        f"run.root={json.dumps(storage.parent_of(location))}",
+        f"run.id={json.dumps(storage.name_of(location))}",
+    ]
+    config_file = storage.join(location, "config.yaml")
+    if not storage.exists(config_file):
+        raise BadInputError(f"no run to resume at {redact(location)} (no config.yaml there)")
+    return _run(load_run_config(config_file, overrides), resume=True)
+
+
+def _run(config, *, resume: bool = False) -> int:
+    from pipeline.run_folder import create_run_folder, open_run_folder, remove_empty_run_folder, run_lock
     from pipeline.runner import check_cluster, check_quality_gate, format_summary, ray_session, run_pipeline
     from stages import storage
 
@@ -94,19 +129,22 @@ def _run(config) -> int:
             raise BadInputError(
                 f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds ray.num_cpus={config.ray.num_cpus}"
             )
-    run = create_run_folder(config.run.root, config.run.id)
-    with ray_session(config) as dashboard:
+    open_or_create = open_run_folder if resume else create_run_folder
+    run = open_or_create(config.run.root, config.run.id)
+    with run_lock(run), ray_session(config) as dashboard:
         try:
             check_cluster(config)
         except BadInputError:
-            remove_empty_run_folder(run)  # a refused run leaves nothing behind
+            if not resume:
+                remove_empty_run_folder(run)  # a refused run leaves nothing behind
             raise
         storage.write_bytes(run.config_file, config.to_yaml().encode())
         with _run_log(run):
-            log.info("run %s: artifacts in %s", run.run_id, redact(run.location))
+            started = "resumed" if resume else "started"
+            log.info("run %s: %s; artifacts in %s", run.run_id, started, redact(run.location))
             if dashboard:
                 log.info("Ray dashboard: %s", dashboard)
-            summary = run_pipeline(config, run)
+            summary = run_pipeline(config, run, resume=resume)
     print(format_summary(summary))
     check_quality_gate(config, summary)
     return 0

@@ -161,7 +161,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
       BadInputError: the file cannot be read or parsed, an override is malformed, or any value is invalid; the
         message names the file or the override it came from.
     """
-    raw = to_plain(Config())
+    text = None
     if path is not None:
         try:
             text = Path(path).read_text()
@@ -169,9 +169,28 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
             raise BadInputError(f"config file not found: {path}") from None
         except (OSError, UnicodeDecodeError) as error:
             raise BadInputError(f"cannot read config file {path}: {error}") from None
-        from_file = _parse_yaml(text, str(path))
+    return _merge(text, str(path) if path is not None else None, overrides)
+
+
+def load_run_config(config_file: str, overrides: list[str] = ()) -> Config:
+    """`load_config` for the config.yaml a run saved (a local path or a URI), as `run --resume` reads it."""
+    from stages import storage
+
+    try:
+        text = storage.read_bytes(config_file).decode()
+    except FileNotFoundError:
+        raise BadInputError(f"no run to resume: {config_file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInputError(f"cannot read {config_file}: {error}") from None
+    return _merge(text, config_file, overrides)
+
+
+def _merge(text: str | None, where: str | None, overrides: list[str]) -> Config:
+    raw = to_plain(Config())
+    if text is not None:
+        from_file = _parse_yaml(text, where)
         if from_file is not None and not isinstance(from_file, dict):
-            raise BadInputError(f"{path}: the config must be a mapping of sections, got {type(from_file).__name__}")
+            raise BadInputError(f"{where}: the config must be a mapping of sections, got {type(from_file).__name__}")
         for section, values in (from_file or {}).items():
             if isinstance(values, dict) and isinstance(raw.get(section), dict):
                 raw[section].update(values)
@@ -184,7 +203,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
         key, message = describe_validation_error(error, Config)
         # name the file only when the bad value came from it; an override's key speaks for itself
         from_override = any(_related(override_key, key) for override_key in override_keys)
-        source = f"{path}: " if path is not None and not from_override else ""
+        source = f"{where}: " if where is not None and not from_override else ""
         raise BadInputError(f"{source}{key}: {message}") from None
 
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from stages import storage
+from stages.atomic import sweep_stale_parts
 from stages.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -32,9 +41,11 @@ _ARTIFACTS = {
     "config_file": "config.yaml",  # the resolved config of the run
     "data_dir": "data",  # dataset.npz and manifest.json
     "model_dir": "model",  # model.keras and hyperparameters.json
+    "model_file": "model/model.keras",
     "metrics_file": "metrics.json",
     "summary_file": "summary.json",
-}  # and pipeline.log (the driver's log), tune/ (the Tune experiment: trials, checkpoints, TensorBoard event files)
+}  # and pipeline.log (the driver's log), stages.json (pipeline.stage_records), .lock (run_lock),
+# tune/ (the Tune experiment: trials, checkpoints, TensorBoard event files)
 
 
 def new_run_id() -> str:
@@ -73,7 +84,56 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
     return RunFolder(str(folder))
 
 
+def open_run_folder(root: str, run_id: str) -> RunFolder:
+    """The folder of an earlier run, to resume it; temporary files its killed writers left on this host are removed."""
+    location = storage.join(root, run_id) if storage.is_uri(root) else str(Path(root, run_id))
+    run = RunFolder(location)
+    if not storage.is_uri(location):
+        stale = [part for folder in _folders(Path(location)) for part in sweep_stale_parts(folder)]
+        if stale:
+            log.info("run %s: removed %d temporary file(s) left by killed writers", run_id, len(stale))
+    return run
+
+
+def _folders(top: Path) -> Iterator[Path]:
+    yield top
+    yield from (path for path in top.rglob("*") if path.is_dir())
+
+
+@contextmanager
+def run_lock(run: RunFolder) -> Iterator[None]:
+    """Holds the run folder's lock while this driver lives, so that a second driver on the same run (a resume
+    started while the run still goes on) is refused. The OS drops the lock when the process dies, kill -9 included.
+
+    Object stores have no locks: a run on s3:// or gs:// is not protected this way.
+
+    Raises:
+      BadInputError: another process holds the lock.
+    """
+    if storage.is_uri(run.location):
+        yield
+        return
+    import fcntl
+
+    path = Path(run.location, LOCK_FILE)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BadInputError(f"run {run.run_id} is in progress ({holder}); wait for it or stop it first") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def remove_empty_run_folder(run: RunFolder) -> None:
     """Undoes create_run_folder for a run refused before it wrote anything."""
     if not storage.is_uri(run.location):
+        Path(run.location, LOCK_FILE).unlink(missing_ok=True)
         Path(run.location).rmdir()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import ray
@@ -15,10 +17,21 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import Config
 from pipeline.run_folder import RunFolder
-from pipeline.tasks import SplitRefs, download_task, evaluate_task, preprocess_task, train_task
+from pipeline.stage_records import StageInputs, StageRecords, describe_changes, stage_inputs
+from pipeline.tasks import (
+    SplitRefs,
+    download_task,
+    evaluate_task,
+    load_outcome_task,
+    load_splits_task,
+    preprocess_task,
+    train_task,
+)
 from stages import storage
-from stages.errors import BadInputError, PipelineError, QualityGateError
+from stages.download import RawFiles
+from stages.errors import BadInputError, DataError, PipelineError, QualityGateError
 from stages.redact import redact
+from stages.train import EXPERIMENT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +43,8 @@ class RunSummary:
     run_id: str
     folder: str
     metrics: dict[str, Any]
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # a skipped stage: the time it took earlier
+    skipped: list[str] = field(default_factory=list)  # stages a resumed run found finished
 
 
 @contextmanager
@@ -113,49 +127,118 @@ def _autoscaler_node_groups() -> list[tuple[dict[str, float], int]]:
     return [(dict(group.resources), group.max_count) for group in cluster_config.node_group_configs]
 
 
-def run_pipeline(config: Config, run: RunFolder) -> RunSummary:
+def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> RunSummary:
     """download → preprocess → train → evaluate, each a Ray task; artifacts go to `run`.
+
+    Each finished stage is recorded in the run's stages.json. With `resume`, a stage recorded as finished with the
+    inputs it has now (and whose outputs are still there) is skipped, and an interrupted Tune experiment is restored.
 
     Raises:
       PipelineError: a stage failed in a way worth one line.
+      BadInputError: resuming would discard training done with other inputs.
     """
     level = logging.getLogger().getEffectiveLevel()
+    inputs = stage_inputs(config)
+    records = StageRecords.load(run.location) if resume else StageRecords(run.location)
+    if resume:
+        _refuse_discarding_training(run, records, inputs)
     seconds: dict[str, float] = {}
-    with _stage("download", seconds):
-        raw = _get(download_task.remote(config.data, level))
-    with _stage("preprocess", seconds):
-        train_ref, validation_ref, test_ref, manifest_ref = preprocess_task.remote(
-            raw, config.data, config.run.seed, run.data_dir, level
-        )
-        _get(manifest_ref)
-    with _stage("train", seconds):
-        splits = SplitRefs(train=train_ref, validation=validation_ref, test=test_ref)
-        # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
-        # experiment with it (trials on that node are retried elsewhere from their checkpoints).
-        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        outcome = _get(
-            train_task.options(scheduling_strategy=beside_driver).remote(
-                splits, config.model, config.train, config.run.seed, run.location, level
+    skipped: list[str] = []
+
+    def record_of(stage: str):
+        return records.finished(stage, inputs[stage]) if resume else None
+
+    def skip(stage: str) -> None:
+        record = record_of(stage)
+        log.info("stage %s: finished earlier (%s), skipped", stage, record.finished if record else "unrecorded")
+        seconds[stage] = (record.seconds if record else None) or 0.0
+        skipped.append(stage)
+
+    def stage(name: str):
+        return _stage(name, seconds, records, inputs[name])
+
+    def download() -> RawFiles:
+        record = record_of("download")
+        files = record.outputs.get("files", {}) if record else {}
+        if files and all(Path(file).exists() for file in files.values()):
+            skip("download")
+            return RawFiles(**{name: Path(file) for name, file in files.items()})
+        with stage("download") as outputs:
+            raw = _get(download_task.remote(config.data, level))
+            outputs["files"] = {name: str(path) for name, path in asdict(raw).items()}
+        return raw
+
+    def preprocess() -> list[ray.ObjectRef]:
+        if record_of("preprocess") is not None:
+            refs = load_splits_task.remote(run.data_dir, level)
+            try:
+                _get(refs[3])
+                skip("download"), skip("preprocess")
+                return refs
+            except DataError as error:
+                log.warning("stage preprocess: %s; running it again", error)
+        raw = download()
+        with stage("preprocess") as outputs:
+            refs = preprocess_task.remote(raw, config.data, config.run.seed, run.data_dir, level)
+            outputs["dataset_fingerprint"] = _get(refs[3])["fingerprint"]
+        return refs
+
+    trained = record_of("train") is not None
+    evaluated = (
+        trained and record_of("evaluate") is not None
+        and storage.exists(run.metrics_file) and storage.exists(run.model_file)
+    )
+    if evaluated:
+        for name in STAGES:
+            skip(name)
+        metrics = json.loads(storage.read_bytes(run.metrics_file))
+    else:
+        train_ref, validation_ref, test_ref, _ = preprocess()
+        if trained:
+            skip("train")
+            outcome = _get(load_outcome_task.remote(storage.join(run.location, EXPERIMENT_NAME), level))
+        else:
+            with stage("train") as outputs:
+                splits = SplitRefs(train=train_ref, validation=validation_ref, test=test_ref)
+                # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
+                # experiment with it (trials on that node are retried elsewhere from their checkpoints).
+                beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                outcome = _get(
+                    train_task.options(scheduling_strategy=beside_driver).remote(
+                        splits, config.model, config.train, config.run.seed, run.location, resume, level
+                    )
+                )
+                outputs["best_trial_id"] = outcome.best_trial_id
+        with stage("evaluate") as outputs:
+            metrics = _get(
+                evaluate_task.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0).remote(
+                    outcome, test_ref, config.evaluate, run.model_dir, run.metrics_file, level
+                )
             )
-        )
-    with _stage("evaluate", seconds):
-        metrics = _get(
-            evaluate_task.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0).remote(
-                outcome, test_ref, config.evaluate, run.model_dir, run.metrics_file, level
-            )
-        )
-    summary = RunSummary(run.run_id, run.location, metrics, seconds)
+            outputs["test_accuracy"] = metrics["test_accuracy"]
+    summary = RunSummary(run.run_id, run.location, metrics, {name: seconds[name] for name in STAGES}, skipped)
     storage.write_json(run.summary_file, {
         "run_id": summary.run_id,
         "val_accuracy": metrics["val_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
         "best_trial_id": metrics["best_trial_id"],
         "hyperparameters": metrics["hyperparameters"],
-        "stage_seconds": seconds,
+        "stage_seconds": summary.stage_seconds,
         "trials": len(metrics["trials"]),
         "failed_trials": {t["trial_id"]: t["error"] for t in metrics["trials"] if t["status"] == "ERROR"},
     })
     return summary
+
+
+def _refuse_discarding_training(run: RunFolder, records: StageRecords, inputs: dict[str, StageInputs]) -> None:
+    """A Tune experiment can only continue with the inputs it started with; anything else would throw it away."""
+    started = records.started("train")
+    if started is not None and started.fingerprint != inputs["train"].fingerprint:
+        changes = describe_changes(records, inputs, upto="train") or ["the inputs of an earlier stage"]
+        raise BadInputError(
+            f"cannot resume run {run.run_id}: its Tune experiment was started with other inputs "
+            f"({'; '.join(changes)}); resume without those changes, or start a new run"
+        )
 
 
 def check_quality_gate(config: Config, summary: RunSummary) -> None:
@@ -173,10 +256,14 @@ def format_summary(summary: RunSummary) -> str:
     metrics = summary.metrics
     hyperparameters = ", ".join(f"{k}={_short(v)}" for k, v in metrics["hyperparameters"].items())
     failed = [f"{t['trial_id']} ({_clip(t['error'])})" for t in metrics["trials"] if t["status"] == "ERROR"]
-    times = ", ".join(f"{stage} {_duration(summary.stage_seconds[stage])}" for stage in STAGES)
+    times = ", ".join(
+        f"{stage} {_duration(summary.stage_seconds[stage])}" + (" (earlier)" if stage in summary.skipped else "")
+        for stage in STAGES
+    )
     nodes = sorted({node for trial in metrics["trials"] for node in trial["nodes"]})
     lines = [
-        f"run {summary.run_id} finished in {_duration(sum(summary.stage_seconds.values()))}",
+        f"run {summary.run_id} finished in {_duration(sum(summary.stage_seconds.values()))}"
+        + (" (resumed)" if summary.skipped else ""),
         f"  best trial:      {metrics['best_trial_id']} (epoch {metrics['best_epoch']}) "
         f"of {len(metrics['trials'])} trials on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
         + (f"; failed after retries: {'; '.join(failed)}" if failed else ""),
@@ -192,11 +279,16 @@ def format_summary(summary: RunSummary) -> str:
 
 
 @contextmanager
-def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+def _stage(name: str, seconds: dict[str, float], records: StageRecords, inputs: StageInputs) -> Iterator[dict]:
+    """Times a stage and records it in stages.json: begun on entry, finished (with the outputs the block put into
+    the yielded dict) when the block completes."""
     log.info("stage %s: started", name)
+    records.begin(name, inputs)
     started = time.perf_counter()
-    yield
+    outputs: dict[str, Any] = {}
+    yield outputs
     seconds[name] = round(time.perf_counter() - started, 2)
+    records.finish(name, inputs, seconds[name], outputs)
     log.info("stage %s: done in %s", name, _duration(seconds[name]))
 
 

@@ -67,10 +67,30 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
     return splits.train, splits.validation, splits.test, info
 
 
+@ray.remote(num_cpus=1, num_returns=4)
+def load_splits_task(data_dir: str, log_level: int):
+    """The splits a finished preprocess stage wrote into the run folder (a resumed run)."""
+    from stages.errors import DataError
+    from stages.preprocess import load_verified_splits
+
+    _worker_logging(log_level)
+    loaded = load_verified_splits(data_dir)
+    if loaded is None:
+        raise DataError(f"{redact(data_dir)} holds no complete dataset matching its manifest")
+    splits, info = loaded
+    return splits.train, splits.validation, splits.test, info
+
+
 # The train task only drives Tune; the trials it starts reserve the CPUs and GPUs.
 @ray.remote(num_cpus=0)
 def train_task(
-    splits: SplitRefs, model: Hyperparameters, settings: TrainSettings, seed: int, storage_path: str, log_level: int
+    splits: SplitRefs,
+    model: Hyperparameters,
+    settings: TrainSettings,
+    seed: int,
+    storage_path: str,
+    resume: bool,
+    log_level: int,
 ):
     from stages.train import train
 
@@ -82,7 +102,17 @@ def train_task(
         settings=settings,
         storage_path=storage_path,
         seed=seed,
+        resume=resume,
     )
+
+
+@ray.remote(num_cpus=0)
+def load_outcome_task(experiment_path: str, log_level: int):
+    """The outcome of a finished train stage, read back from its Tune experiment (a resumed run)."""
+    from stages.train import load_outcome
+
+    _worker_logging(log_level)
+    return load_outcome(experiment_path)
 
 
 @ray.remote(num_cpus=1)

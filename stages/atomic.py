@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -9,6 +10,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from stages.errors import StorageError
 
 
 @contextmanager
@@ -18,11 +21,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     When the block finishes without error the temporary file is synced and renamed onto `path`; otherwise it
     is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     owner = f"{socket.gethostname()}.{os.getpid()}"  # lets a later run tell a crashed writer's leftovers apart
-    handle, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.{owner}.", suffix=f".part{path.suffix}"
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.stem}.{owner}.", suffix=f".part{path.suffix}"
+        )
+    except OSError as error:
+        raise StorageError(f"cannot write {path}: {error.strerror or error}") from error
     os.close(handle)
     temp = Path(temp_name)
     try:
@@ -30,8 +36,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with temp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        if error.errno not in _STORAGE_ERRORS:
+            raise
+        raise StorageError(f"cannot write {path}: {error.strerror}") from error
     finally:
         temp.unlink(missing_ok=True)
+
+
+# Failures of the storage itself, as opposed to a writer's own bugs (a missing source file, say)
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 
 def sweep_stale_parts(folder: Path) -> list[Path]:

@@ -8,12 +8,12 @@ Cached splits live in <cache_dir>/datasets/<fingerprint>/ beside the downloads, 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from pathlib import Path
 
 from stages import idx, preprocess
+from stages.code_hash import code_hash
 from stages.download import RawFiles
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 
 def fingerprint(raw: RawFiles, **settings) -> str:
     """Identifies a split: the source files' checksums, the split settings, and the code that computes it."""
-    code = hashlib.sha256((inspect.getsource(preprocess) + inspect.getsource(idx)).encode()).hexdigest()
-    identity = {"sources": raw.sha256, "settings": settings, "code": code}
+    identity = {"sources": raw.sha256, "settings": settings, "code": code_hash(preprocess.__name__, idx.__name__)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -34,7 +33,11 @@ def cached_preprocess(raw: RawFiles, cache_dir: Path, **settings) -> tuple[prepr
     """
     key = fingerprint(raw, **settings)
     folder = cache_dir / "datasets" / key
-    cached = _load_verified(folder, key)
+    cached = preprocess.load_verified_splits(str(folder))
+    if cached is None or cached[1].get("fingerprint") != key:
+        if (folder / "manifest.json").exists():
+            log.warning("dataset: the cached split in %s does not verify; computing it again", folder)
+        cached = None
     if cached is not None:
         log.info("dataset: reusing the verified split %s (same source files, split settings and code)", key[:12])
         return (*cached, True)
@@ -45,15 +48,3 @@ def cached_preprocess(raw: RawFiles, cache_dir: Path, **settings) -> tuple[prepr
     }
     preprocess.save_splits(splits, info, str(folder))
     return splits, json.loads((folder / "manifest.json").read_text()), False
-
-
-def _load_verified(folder: Path, key: str) -> tuple[preprocess.Splits, dict] | None:
-    try:
-        info = json.loads((folder / "manifest.json").read_text())
-        data = (folder / "dataset.npz").read_bytes()
-    except (OSError, ValueError):
-        return None
-    if info.get("fingerprint") != key or hashlib.sha256(data).hexdigest() != info.get("dataset_sha256"):
-        log.warning("dataset: the cached split in %s does not verify; computing it again", folder)
-        return None
-    return preprocess.load_splits(folder / "dataset.npz"), info

@@ -30,3 +30,7 @@ class TrainingError(PipelineError):
 
 class QualityGateError(PipelineError):
     """The model trained but did not meet `evaluate.min_test_accuracy`."""
+
+
+class StorageError(PipelineError):
+    """An artifact could not be written: a full disk, a read-only or unreachable file system."""

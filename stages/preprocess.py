@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,24 @@ def save_splits(splits: Splits, info: dict, location: str) -> str:
 
 def load_splits(dataset: str | Path) -> Splits:
     """Reads what `save_splits` wrote."""
-    with np.load(io.BytesIO(storage.read_bytes(str(dataset))), allow_pickle=False) as arrays:
+    return _splits_from(storage.read_bytes(str(dataset)))
+
+
+def load_verified_splits(location: str) -> tuple[Splits, dict] | None:
+    """What `save_splits` wrote into the folder or URI `location`, if its manifest is there and the dataset matches
+    the manifest's checksum; None otherwise (never written, interrupted, or changed since)."""
+    try:
+        info = json.loads(storage.read_bytes(storage.join(location, "manifest.json")))
+        data = storage.read_bytes(storage.join(location, "dataset.npz"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or hashlib.sha256(data).hexdigest() != info.get("dataset_sha256"):
+        return None
+    return _splits_from(data), info
+
+
+def _splits_from(npz: bytes) -> Splits:
+    with np.load(io.BytesIO(npz), allow_pickle=False) as arrays:
         return Splits(
             **{name: LabeledImages(arrays[f"{name}_images"], arrays[f"{name}_labels"]) for name in _SPLIT_NAMES}
         )

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from stages.atomic import atomic_file
+from stages.errors import StorageError
+from stages.redact import redact
 
 
 def is_uri(location: str) -> bool:
@@ -30,6 +32,14 @@ def join(location: str, *parts: str) -> str:
 
 def name_of(location: str) -> str:
     return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent_of(location: str) -> str:
+    """The folder holding `location`; a URI keeps its query."""
+    if not is_uri(location):
+        return str(Path(location).parent)
+    base, question, query = location.partition("?")
+    return base.rstrip("/").rsplit("/", 1)[0] + question + query
 
 
 def _filesystem(location: str):
@@ -51,8 +61,11 @@ def write_bytes(location: str, data: bytes) -> None:
     """Writes a whole file; a reader sees the old content or the new, never a part."""
     if is_uri(location):
         filesystem, path = _filesystem(location)
-        with filesystem.open_output_stream(path) as out:
-            out.write(data)
+        try:
+            with filesystem.open_output_stream(path) as out:
+                out.write(data)
+        except OSError as error:
+            raise StorageError(f"cannot write {redact(location)}: {error}") from error
         return
     with atomic_file(Path(location)) as out:
         out.write(data)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +12,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from stages.errors import TrainingError
+from stages import storage
+from stages.errors import BadInputError, StorageError, TrainingError
 from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
 from stages.train_settings import TrainSettings
@@ -19,6 +22,13 @@ from stages.trial import run_trial, to_python
 log = logging.getLogger(__name__)
 
 METRIC, MODE = "val_accuracy", "max"
+EXPERIMENT_NAME = "tune"  # the experiment's folder under the storage path
+# Seconds between snapshots of the experiment's state (trial statuses, latest checkpoints, scheduler and searcher)
+# in the run folder; a restored experiment starts from the last one. With Tune's default (at least 10 s) a crash of
+# the driver would re-run the last epochs of trials that had finished. Object stores get fewer: each snapshot
+# uploads every trial's small result files.
+SNAPSHOT_SECONDS_LOCAL, SNAPSHOT_SECONDS_REMOTE = 0.5, 2.0
+FULL_DISK_BYTES = 64 * 2**20  # less free space than a few checkpoints of the classic CNN
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,9 @@ def train(
     base: Hyperparameters,
     settings: TrainSettings,
     storage_path: str,
-    experiment_name: str = "tune",
+    experiment_name: str = EXPERIMENT_NAME,
     seed: int = 0,
+    resume: bool = False,
 ) -> TuneOutcome:
     """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
 
@@ -68,6 +79,8 @@ def train(
       storage_path: Tune's storage_path (absolute path or URI); the experiment goes to {storage_path}/{name}.
       experiment_name: the experiment's folder name.
       seed: seeds sampling and each trial's initialisation and shuffling.
+      resume: continue the experiment found at {storage_path}/{name} with Tune's restore, if there is one:
+        finished and failed trials stay as they are, unfinished ones continue from their latest checkpoints.
 
     Returns:
       The best trial's checkpoint and a summary of every trial.
@@ -85,6 +98,16 @@ def train(
         mixed_precision=settings.mixed_precision,
     )
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    snapshot_seconds = SNAPSHOT_SECONDS_REMOTE if storage.is_uri(storage_path) else SNAPSHOT_SECONDS_LOCAL
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(snapshot_seconds))  # read by Tune's controller
+    experiment = storage.join(storage_path, experiment_name)
+    if resume and tune.Tuner.can_restore(experiment):
+        _check_owner(experiment)
+        log.info("train: restoring the Tune experiment in %s", experiment)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
+        return summarize(_fit(tuner, storage_path), experiment_path=experiment)
     tuner = tune.Tuner(
         trainable,
         param_space=settings.param_space(base),
@@ -92,10 +115,12 @@ def train(
             metric=METRIC,
             mode=MODE,
             num_samples=settings.num_samples,
-            max_concurrent_trials=settings.max_concurrent_trials,
             scheduler=_scheduler(settings),
+            # the limit goes to the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a warning)
+            # once a search generator is passed
             search_alg=BasicVariantGenerator(
                 points_to_evaluate=[base.model_dump()] if settings.include_base_trial else None,
+                max_concurrent=settings.max_concurrent_trials or 0,
                 random_state=seed,
             ),
         ),
@@ -108,11 +133,43 @@ def train(
                 checkpoint_score_order=MODE,
             ),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            sync_config=tune.SyncConfig(sync_period=snapshot_seconds),
             verbose=1,  # the trial table as it changes; per-trial result boxes would drown it
         ),
     )
-    results = tuner.fit()
+    results = _fit(tuner, storage_path)
     return summarize(results, experiment_path=results.experiment_path)
+
+
+def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:
+    """tuner.fit(), telling a full disk apart from other failures: Tune then fails reading its own truncated files."""
+    try:
+        return tuner.fit()
+    except Exception as error:
+        if not storage.is_uri(storage_path):
+            free = shutil.disk_usage(storage_path).free
+            if free < FULL_DISK_BYTES:
+                raise StorageError(
+                    f"the disk of {storage_path} is full ({free // 2**20} MiB free); Tune stopped with "
+                    f"{type(error).__name__}: {_one_line(error)}"
+                ) from error
+        raise
+
+
+def load_outcome(experiment_path: str) -> TuneOutcome:
+    """The outcome of a finished experiment, read back from its folder (a run resumed after training)."""
+    _check_owner(experiment_path)
+    analysis = tune.ExperimentAnalysis(experiment_path, default_metric=METRIC, default_mode=MODE)
+    return summarize(tune.ResultGrid(analysis), experiment_path=experiment_path)
+
+
+def _check_owner(experiment_path: str) -> None:
+    """Tune's experiment state is pickled: only unpickle a local one that this user's runs wrote."""
+    if storage.is_uri(experiment_path):
+        return  # the bucket's access control decides who could write there
+    state = os.path.join(experiment_path, "tuner.pkl")
+    if os.path.exists(state) and os.stat(state).st_uid != os.getuid():
+        raise BadInputError(f"{state} belongs to another user; not restoring an experiment from it")
 
 
 def _scheduler(settings: TrainSettings):

@@ -41,6 +41,7 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     /truncated/NAME   announces the full length, sends half, closes
     /corrupt/NAME     a well-formed gzip of wrong content (checksum mismatch)
     /slow/NAME        stalls longer than the client's timeout
+    /trickle/NAME     the file, slowly (64 KiB every 50 ms): a download that is still running when a test kills it
     """
 
     folder: Path
@@ -73,6 +74,14 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if behaviour == "truncated":
             body = body[: len(body) // 2]
+        if behaviour == "trickle":
+            try:
+                for start in range(0, len(body), 65536):
+                    self.wfile.write(body[start : start + 65536])
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the downloader was killed: what this behaviour is for
+            return
         self.wfile.write(body)
 
 

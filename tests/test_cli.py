@@ -77,3 +77,32 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "mnist-pipeline"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "run" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "behaviour, reason",
+    [
+        ("missing", "HTTP 404"),
+        ("error", "HTTP 500"),
+        ("truncated", ""),
+        ("corrupt", "sha256"),
+        ("slow", "timed out"),
+    ],
+)
+def test_a_run_whose_only_mirror_is_broken_fails_in_one_line(behaviour, reason, http_mirror, tmp_path):
+    """Whole-CLI runs (real Ray) against each broken-mirror behaviour: exit 1 (a runtime failure, not bad input), one
+    line naming the file and the mirror's problem, no run artifacts, nothing partial in the cache."""
+    mirror = f"{http_mirror.base_url}/{behaviour}/"
+    result = run_cli(
+        "run", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        "--set", f"data.mirrors=[{mirror}]", "--set", "data.retries=1", "--set", "data.timeout_s=1",
+        "--set", "ray.num_cpus=1", "--set", "ray.include_dashboard=false",
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("mnist-pipeline: error: could not download a verified train-images-idx3-ubyte ")
+    assert mirror in error and reason in error, error
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache").glob(".*.part*"))
+    (run_folder,) = (tmp_path / "runs").iterdir()
+    assert not (run_folder / "data").exists() and not (run_folder / "metrics.json").exists()

@@ -94,3 +94,18 @@ def test_a_run_on_object_storage(s3_root, tmp_path, mnist_mirror):
         images, labels = dataset["test_images"], dataset["test_labels"]
     accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))
     assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+    # resumed from the bucket after losing the evaluation: training is read back from Tune's state there, evaluate
+    # runs again and writes the same result
+    filesystem.delete_file("runs/experiments/remote/metrics.json")
+    filesystem.delete_file("runs/experiments/remote/model/model.keras")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--resume", "remote", "--set", f"run.root={root}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**os.environ, **CREDENTIALS, "RAY_ADDRESS": ""},
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for stage in ("download", "preprocess", "train"):
+        assert f"stage {stage}: finished earlier" in resumed.stderr
+    assert "stage evaluate: done" in resumed.stderr
+    assert json.loads(read("metrics.json"))["test_accuracy"] == metrics["test_accuracy"]
