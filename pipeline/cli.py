@@ -50,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the resolved config (file + overrides) and exit")
     add_config_arguments(show)
+
+    runs = commands.add_parser("runs", help="list the runs under run.root with their accuracies")
+    add_config_arguments(runs)
+
+    predict = commands.add_parser("predict", help="classify images of digits with a run's model")
+    predict.add_argument("model", metavar="RUN_OR_MODEL", help="run id (under run.root), run folder, or model.keras")
+    predict.add_argument("images", metavar="IMAGE", nargs="+", type=str, help="PNG or JPEG files")
+    predict.add_argument("--top", type=int, default=1, metavar="K", help="also show the next K-1 likeliest digits")
+    add_config_arguments(predict)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="TensorBoard over a run's trials (or all runs), and the Ray dashboard's URL"
+    )
+    dashboard.add_argument("run", metavar="RUN", nargs="?", help="run id or folder (default: every run in run.root)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address TensorBoard binds to (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=6006, help="TensorBoard's port (default: 6006)")
+    add_config_arguments(dashboard)
     return parser
 
 
@@ -88,7 +105,49 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(config.to_yaml(), end="")
         return 0
+    if args.command == "runs":
+        from pipeline.runs import format_runs, list_runs
+
+        print(format_runs(list_runs(config.run.root), config.run.root))
+        return 0
+    if args.command == "predict":
+        return _predict(args, config.run.root)
+    if args.command == "dashboard":
+        return _dashboard(args, config.run.root)
     return _run(config)
+
+
+def _predict(args: argparse.Namespace, root: str) -> int:
+    from pipeline.predict import find_model, format_prediction, predict
+
+    if args.top < 1 or args.top > 10:
+        raise BadInputError(f"--top {args.top}: give a number from 1 to 10")
+    model = find_model(args.model, root)
+    for prediction in predict(model, args.images):
+        print(format_prediction(prediction, top=args.top))
+    return 0
+
+
+def _dashboard(args: argparse.Namespace, root: str) -> int:
+    import time
+
+    from pipeline.dashboard import logdir_for, ray_dashboard_url, start_tensorboard
+
+    if not 0 < args.port < 65536:
+        raise BadInputError(f"--port {args.port}: not a port number")
+    logdir = logdir_for(args.run, root)
+    url = start_tensorboard(logdir, args.host, args.port)
+    ray_url = ray_dashboard_url(logdir.parent if args.run else None)
+    print(f"TensorBoard:    {url} (trials in {logdir}; SCALARS: curves per trial, HPARAMS: the search)")
+    print(f"Ray dashboard:  {ray_url}" if ray_url else
+          "Ray dashboard:  none running here (a local run serves one while it runs; for a cluster: "
+          "ray dashboard cluster.yaml, then http://127.0.0.1:8265)")
+    print("Ctrl-C stops TensorBoard.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _resume(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -44,6 +44,8 @@ _ARTIFACTS = {
     "model_file": "model/model.keras",
     "metrics_file": "metrics.json",
     "summary_file": "summary.json",
+    "report_file": "report.html",  # self-contained: figures embedded
+    "figures_dir": "report",  # the report's figures as PNG files
 }  # and pipeline.log (the driver's log), stages.json (pipeline.stage_records), .lock (run_lock),
 # tune/ (the Tune experiment: trials, checkpoints, TensorBoard event files)
 

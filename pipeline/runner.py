@@ -212,7 +212,7 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
         with stage("evaluate") as outputs:
             metrics = _get(
                 evaluate_task.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0).remote(
-                    outcome, test_ref, config.evaluate, run.model_dir, run.metrics_file, level
+                    outcome, test_ref, config.evaluate, run.location, dict(seconds), config.train.epochs, level
                 )
             )
             outputs["test_accuracy"] = metrics["test_accuracy"]
@@ -273,6 +273,7 @@ def format_summary(summary: RunSummary) -> str:
         f"{metrics['test_images']} images)",
         f"  trial nodes:     {', '.join(node[:12] for node in nodes)}",
         f"  stage times:     {times}",
+        f"  report:          {redact(storage.join(summary.folder, 'report.html'))}",
         f"  artifacts:       {redact(summary.folder)}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
     ]
     return "\n".join(lines)

@@ -117,17 +117,24 @@ def load_outcome_task(experiment_path: str, log_level: int):
 
 @ray.remote(num_cpus=1)
 def evaluate_task(
-    outcome, test, settings: EvaluateSection, model_dir: str, metrics_file: str, log_level: int
+    outcome, test, settings: EvaluateSection, run_location: str, stage_seconds: dict, epochs: int, log_level: int
 ) -> dict[str, Any]:
+    """Scores the best checkpoint, exports the model, writes metrics.json and the report into the run folder."""
+    import time
+
+    from pipeline.run_folder import RunFolder
     from stages import storage
     from stages.evaluate import evaluate, export_model
+    from stages.report import ReportInputs, write_report
     from stages.trial import configure_tensorflow
 
+    started = time.perf_counter()
     _worker_logging(log_level)
     configure_tensorflow(1)
+    run = RunFolder(run_location)
     with outcome.best_checkpoint.as_directory() as checkpoint_folder:  # a download when the run is remote
-        model, evaluation = evaluate(Path(checkpoint_folder), test, batch_size=settings.batch_size)
-    exported = export_model(model, outcome.best_hyperparameters, model_dir)
+        model, evaluation, probabilities = evaluate(Path(checkpoint_folder), test, batch_size=settings.batch_size)
+    exported = export_model(model, outcome.best_hyperparameters, run.model_dir)
     metrics = {
         "val_accuracy": outcome.best_val_accuracy,
         **evaluation.as_dict(),
@@ -138,5 +145,11 @@ def evaluate_task(
         "model": redact(exported),
         "trials": [asdict(trial) for trial in outcome.trials],
     }
-    storage.write_json(metrics_file, metrics)
+    storage.write_json(run.metrics_file, metrics)
+    timings = {**stage_seconds, "evaluate": round(time.perf_counter() - started, 2)}
+    report = write_report(
+        ReportInputs(run.run_id, metrics, timings, epochs, test.images, test.labels, probabilities),
+        run.location, run.figures_dir,
+    )
+    log.info("report: %s", redact(report))
     return metrics

@@ -46,13 +46,13 @@ def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
       batch_size: images per prediction step.
 
     Returns:
-      (the loaded Keras model, its Evaluation).
+      (the loaded Keras model, its Evaluation, its predicted probabilities (n, 10)).
     """
     import keras
 
     model = keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True)
     probabilities = model.predict(test.images, batch_size=batch_size, verbose=0)
-    return model, score(probabilities, test.labels)
+    return model, score(probabilities, test.labels), probabilities
 
 
 def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:

@@ -99,3 +99,15 @@ def local_folder_for(location: str) -> Iterator[Path]:
         pyarrow.fs.copy_files(str(staging), path, destination_filesystem=filesystem)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def local_copy(location: str) -> Iterator[Path]:
+    """A local path holding the file at `location`: the file itself when local, else a temporary download."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="mnist-pipeline-") as folder:
+        copy = Path(folder, name_of(location))
+        copy.write_bytes(read_bytes(location))
+        yield copy

@@ -42,6 +42,7 @@ class TrialSummary:
     best_val_accuracy: float | None
     nodes: list[str] = field(default_factory=list)  # Ray node ids the trial's epochs ran on
     error: str | None = None
+    val_accuracy_by_epoch: list[float] = field(default_factory=list)  # [epoch 1, epoch 2, ...]
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,9 @@ def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
                 best_val_accuracy=best,
                 nodes=sorted(history["node_id"].dropna().unique().tolist()) if has_history else [],
                 error=_one_line(result.error) if result.error else None,
+                # an epoch trained again after a crash appears twice: its last result counts
+                val_accuracy_by_epoch=history.groupby("epoch")[METRIC].last().astype(float).tolist()
+                if has_history else [],
             )
         )
         checkpoint = result.get_best_checkpoint(METRIC, MODE) if best is not None and not result.error else None

@@ -113,3 +113,147 @@ def test_manifest_describes_the_slice(finished_run):
     assert manifest["splits"]["train"]["shape"] == [2500, 28, 28]
     assert manifest["splits"]["validation"]["shape"] == [500, 28, 28]
     assert manifest["seed"] == 0 and len(manifest["fingerprint"]) == 64 and len(manifest["dataset_sha256"]) == 64
+
+
+def test_the_report_shows_the_run(finished_run):
+    """report.html: self-contained (figures embedded, no external references), every section, figures that decode
+    to images of sensible sizes and equal the PNG files beside it."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    folder, result = finished_run
+    page = (folder / "report.html").read_text()
+    assert str(folder / "report.html") in result.stdout
+    for section in ["Winning hyperparameters", "Timings", "How the trials learned", "What the search found",
+                    "All trials", "Where the model fails", "Test accuracy", "95% interval", "Most confused"]:
+        assert section in page, section
+    assert not re.search(r"""(src|href)=["']?(https?:|//|/)""", page), "the report must not load anything"
+    embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    files = {path.stem: path.read_bytes() for path in (folder / "report").glob("*.png")}
+    assert set(files) == {"curves", "hyperparameters", "confusion", "mistakes", "per_class"}
+    assert sorted(embedded) == sorted(files.values())
+    for name, png in files.items():
+        image = Image.open(io.BytesIO(png))
+        image.load()
+        assert image.format == "PNG" and 300 <= image.width <= 2000 and 200 <= image.height <= 2000, (name, image.size)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert f"{metrics['test_accuracy']:.2%}" in page and metrics["best_trial_id"] in page
+    for trial in metrics["trials"]:
+        assert trial["trial_id"] in page
+        assert len(trial["val_accuracy_by_epoch"]) == trial["epochs"]
+    for stage in ("download", "preprocess", "train", "evaluate"):
+        assert f"<th>{stage}</th>" in page
+
+
+def test_predict_reads_digits_as_people_have_them(finished_run, tmp_path):
+    """Real MNIST test digits written out as PNG/JPEG: as they are, as black ink on white paper, enlarged and
+    off-centre; `predict` must read them all as the model reads the original arrays."""
+    import keras
+    from PIL import Image
+
+    folder, _ = finished_run
+    with np.load(folder / "data" / "dataset.npz") as dataset:
+        images, labels = dataset["test_images"], dataset["test_labels"]
+    model = keras.models.load_model(folder / "model" / "model.keras", safe_mode=True)
+    probabilities = model.predict(images[:200], verbose=0)
+    confident = [i for i in range(200) if probabilities[i].argmax() == labels[i] and probabilities[i].max() > 0.95]
+    chosen = confident[:12]
+    assert len(chosen) == 12
+    files, expected = [], []
+    for n, index in enumerate(chosen):
+        digit = Image.fromarray(images[index])
+        if n % 3 == 1:  # dark ink on light paper, enlarged to 140x140
+            digit = Image.fromarray(255 - images[index]).resize((140, 140), Image.BICUBIC)
+        if n % 3 == 2:  # light on dark, in a corner of a larger image, as RGB JPEG
+            canvas = Image.new("L", (120, 90), 0)
+            canvas.paste(digit.resize((56, 56), Image.BICUBIC), (5, 8))
+            digit = canvas.convert("RGB")
+        path = tmp_path / f"digit{n}.{'jpg' if n % 3 == 2 else 'png'}"
+        digit.save(path, quality=95) if path.suffix == ".jpg" else digit.save(path)
+        files.append(str(path))
+        expected.append(int(labels[index]))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(folder), *files, "--top", "2"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(files)
+    got = [int(line.split(": ", 1)[1].split(" ", 1)[0]) for line in lines]
+    assert got == expected, list(zip(files, got, expected))
+    assert all("%)" in line and "next: " in line for line in lines)
+
+    blank = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 255).save(blank)
+    for bad, message in [(str(blank), "no digit found"), (str(tmp_path / "none.png"), "image not found"),
+                         (str(folder / "config.yaml"), "not a readable image")]:
+        refused = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(folder), bad],
+                                 capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_runs_lists_finished_and_stopped_runs(finished_run):
+    folder, _ = finished_run
+    stopped = folder.parent / "stopped"
+    stopped.mkdir(exist_ok=True)
+    (stopped / "config.yaml").write_text((folder / "config.yaml").read_text())
+    records = json.loads((folder / "stages.json").read_text())
+    (stopped / "stages.json").write_text(json.dumps({"download": records["download"],
+                                                     "preprocess": {**records["preprocess"], "finished": None}}))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--set", f"run.root={folder.parent}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (header, e2e, stopped_line, footer) = result.stdout.strip().splitlines()
+    assert header.split() == ["RUN", "STATUS", "VAL", "ACC", "TEST", "ACC", "TRIALS", "TIME"]
+    assert e2e.split()[:5] == ["e2e", "finished", f"{metrics['val_accuracy']:.2%}", f"{metrics['test_accuracy']:.2%}",
+                               "2"]
+    assert stopped_line.split()[:4] == ["stopped", "stopped", "in", "preprocess"]
+    assert footer.startswith("2 runs in ")
+
+
+def test_dashboard_serves_tensorboard_over_the_trials(finished_run):
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    folder, _ = finished_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "dashboard", str(folder), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("TensorBoard:    http://"), line + process.stderr.read()[-2000:]
+        url = line.split()[1]
+        assert f":{port}" in url
+        assert process.stdout.readline().startswith("Ray dashboard:  ")
+
+        def fetch(path):
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(url.rstrip("/") + path, timeout=10) as response:
+                        return response.read().decode()
+                except OSError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.5)
+
+        assert "<title>TensorBoard</title>" in fetch("/")
+        deadline = time.monotonic() + 60
+        while len(json.loads(fetch("/data/runs"))) < 2:  # TensorBoard finds the trials' event files
+            assert time.monotonic() < deadline, fetch("/data/runs")
+            time.sleep(1)
+        plugins = json.loads(fetch("/data/plugins_listing"))
+        assert plugins["scalars"]["enabled"] and plugins["hparams"]["enabled"]
+        tags = json.loads(fetch("/data/plugin/scalars/tags"))
+        assert all("ray/tune/val_accuracy" in run_tags for run_tags in tags.values())
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            assert process.wait(timeout=30) == 0
+        finally:
+            process.kill()

@@ -1,0 +1,76 @@
+"""`mnist-pipeline dashboard`: TensorBoard over a run's Tune results (per-trial curves, the HPARAMS view), plus the
+URL of the Ray dashboard when one is up. Works while the run goes on (TensorBoard re-reads the files) and after."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+from stages import storage
+from stages.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
+
+
+def logdir_for(run: str | None, root: str) -> Path:
+    """The folder TensorBoard reads: a run's tune/ folder (by id under `root`, or its path), or every run in `root`.
+
+    Raises:
+      BadInputError: no such run, or it lives in an object store (TensorBoard reads local or mounted folders).
+    """
+    target = root if run is None else (run if "/" in run or storage.is_uri(run) else storage.join(root, run))
+    if storage.is_uri(target):
+        raise BadInputError(
+            f"TensorBoard reads local or mounted folders, not {target}: copy the run down first "
+            "(e.g. `aws s3 sync s3://bucket/runs/ID runs/ID`) or mount the bucket"
+        )
+    folder = Path(target).expanduser().resolve()
+    if run is not None:
+        folder = folder / "tune" if (folder / "tune").is_dir() else folder
+        if not (folder.parent / "config.yaml").is_file():
+            raise BadInputError(f"no run at {folder.parent} (no config.yaml there)")
+    elif not folder.is_dir():
+        raise BadInputError(f"run.root={root!r}: {folder} is not a folder")
+    return folder
+
+
+def ray_dashboard_url(run_folder: Path | None) -> str | None:
+    """The Ray dashboard that answers: the one the run logged (a local run's own), else Ray's default address."""
+    candidates = []
+    log_file = run_folder / "pipeline.log" if run_folder else None
+    if log_file and log_file.is_file():
+        candidates += reversed(re.findall(r"Ray dashboard: (http://\S+)", log_file.read_text(errors="replace")))
+    candidates.append(DEFAULT_RAY_DASHBOARD)
+    for url in dict.fromkeys(candidates):
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            continue
+    return None
+
+
+def start_tensorboard(logdir: Path, host: str, port: int) -> str:
+    """Starts TensorBoard in this process (a background thread); returns its URL.
+
+    Raises:
+      BadInputError: the port is taken.
+    """
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise BadInputError(f"--port {port}: {host}:{port} is in use; choose another port") from None
+    from tensorboard import program
+
+    board = program.TensorBoard()
+    # --reload_interval: pick up new epochs of a running experiment within seconds
+    board.configure(argv=[None, "--logdir", str(logdir), "--host", host, "--port", str(port),
+                          "--reload_interval", "5"])
+    return board.launch()

@@ -1,0 +1,85 @@
+"""`mnist-pipeline runs`: the runs under a run root, newest last, with how far each got and how well it did."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages import storage
+
+STAGES = ("download", "preprocess", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    status: str  # finished, or where it stopped: "stopped in train"
+    val_accuracy: float | None
+    test_accuracy: float | None
+    trials: int | None
+    seconds: float | None
+
+
+def list_runs(root: str) -> list[RunInfo]:
+    """Every folder under `root` that holds a run (a config.yaml), sorted by id (ids start with their start time)."""
+    return [describe_run(root, run_id) for run_id in sorted(_run_ids(root))]
+
+
+def describe_run(root: str, run_id: str) -> RunInfo:
+    location = storage.join(root, run_id)
+    summary = _read_json(storage.join(location, "summary.json"))
+    records = _read_json(storage.join(location, "stages.json")) or {}
+    finished = [stage for stage in STAGES if (records.get(stage) or {}).get("finished")]
+    if summary and len(finished) == len(STAGES):
+        return RunInfo(run_id, "finished", summary.get("val_accuracy"), summary.get("test_accuracy"),
+                       summary.get("trials"), sum(summary.get("stage_seconds", {}).values()))
+    begun = [stage for stage in STAGES if stage in records]
+    status = f"stopped in {begun[-1]}" if begun else "stopped before download"
+    return RunInfo(run_id, status, None, None, None, None)
+
+
+def format_runs(runs: list[RunInfo], root: str) -> str:
+    if not runs:
+        return f"no runs in {root}"
+    header = f"{'RUN':<28} {'STATUS':<26} {'VAL ACC':>8} {'TEST ACC':>9} {'TRIALS':>6} {'TIME':>8}"
+    lines = [header]
+    for run in runs:
+        lines.append(
+            f"{run.run_id:<28} {run.status:<26} {_percent(run.val_accuracy):>8} {_percent(run.test_accuracy):>9} "
+            f"{run.trials if run.trials is not None else '':>6} {_minutes(run.seconds):>8}"
+        )
+    lines.append(f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {root}; resume a stopped one with "
+                 "`mnist-pipeline run --resume RUN`")
+    return "\n".join(lines)
+
+
+def _run_ids(root: str) -> list[str]:
+    if not storage.is_uri(root):
+        folder = Path(root).expanduser()
+        if not folder.is_dir():
+            return []
+        return [path.name for path in folder.iterdir() if (path / "config.yaml").is_file()]
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(root)
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    folders = [entry.base_name for entry in entries if entry.type == pyarrow.fs.FileType.Directory]
+    return [name for name in folders if storage.exists(storage.join(root, name, "config.yaml"))]
+
+
+def _read_json(location: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(location))
+    except (OSError, ValueError):
+        return None
+
+
+def _percent(value: float | None) -> str:
+    return f"{value:.2%}" if value is not None else "–"
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds:.0f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:02.0f}s"
