@@ -6,8 +6,10 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input (arguments, config, data),
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,25 +206,66 @@ def _run(config, *, resume: bool = False) -> int:
             if dashboard:
                 log.info("Ray dashboard: %s", dashboard)
             summary = run_pipeline(config, run, resume=resume)
-    print(format_summary(summary))
-    check_quality_gate(config, summary)
+            print(format_summary(summary))
+            check_quality_gate(config, summary)
     return 0
 
 
 @contextmanager
 def _run_log(run):
-    """Keeps the driver's log in the run folder (written locally, uploaded at the end for a remote run)."""
+    """Keeps the run's full log in its folder: the driver's log records (with timestamps) and everything Ray shows
+    from the tasks and trials (their logs, Tune's trial table). A remote run's log is uploaded at the end, after
+    the log an earlier attempt of the run left there."""
     from stages import storage
 
     with storage.local_folder_for(run.location) as folder:
-        handler = logging.FileHandler(folder / "pipeline.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        try:
-            yield
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        log_file = folder / "pipeline.log"
+        if storage.is_uri(run.location) and storage.exists(storage.join(run.location, "pipeline.log")):
+            log_file.write_bytes(storage.read_bytes(storage.join(run.location, "pipeline.log")))
+        with open(log_file, "a", encoding="utf-8") as sink:
+            handler = logging.StreamHandler(sink)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(handler)
+            stdout, stderr = sys.stdout, sys.stderr
+            # Ray prints what tasks and trials write through sys.stdout/sys.stderr as it finds them
+            sys.stdout, sys.stderr = _Tee(stdout, sink), _Tee(stderr, sink)
+            try:
+                yield
+            except BaseException as error:  # the console gets its one line from main(); the log keeps it too
+                sink.write(f"run stopped: {type(error).__name__}: {redact(str(error))}\n")
+                raise
+            finally:
+                sys.stdout, sys.stderr = stdout, stderr
+                logging.getLogger().removeHandler(handler)
+
+
+class _Tee(io.TextIOBase):
+    """A console stream that also appends what it shows, without colour codes, to a file."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+    def __init__(self, console, sink):
+        self._console, self._sink = console, sink
+
+    def write(self, text: str) -> int:
+        self._console.write(text)
+        if "\r" not in text:  # progress bars redraw themselves with \r: the console's business, not the log's
+            self._sink.write(self._ANSI.sub("", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._console.flush()
+        self._sink.flush()
+
+    def isatty(self) -> bool:
+        return self._console.isatty()
+
+    def fileno(self) -> int:
+        return self._console.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self._console, "encoding", "utf-8")
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

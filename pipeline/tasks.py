@@ -35,13 +35,21 @@ def _worker_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", force=True)
 
 
+def _download_bar(name: str, total_bytes: int | None):
+    """A progress bar that Ray draws on the driver's console (Ray's tqdm), whichever node downloads."""
+    from ray.experimental import tqdm_ray
+
+    return tqdm_ray.tqdm(desc=name, total=total_bytes, unit="B")
+
+
 @ray.remote(num_cpus=1)
 def download_task(data: DataSection, log_level: int):
     from stages.download import download
 
     _worker_logging(log_level)
     return download(
-        data.mirrors, Path(data.cache_dir).expanduser(), retries=data.retries, timeout_s=data.timeout_s
+        data.mirrors, Path(data.cache_dir).expanduser(), retries=data.retries, timeout_s=data.timeout_s,
+        progress=_download_bar,
     )
 
 

@@ -18,7 +18,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Protocol, Sequence
 
 from stages.atomic import atomic_file, sweep_stale_parts
 from stages.errors import BadInputError, DownloadError
@@ -58,6 +58,14 @@ class RawFiles:
         return {name: CANONICAL_FILES[name][0] for name in CANONICAL_FILES}
 
 
+class Progress(Protocol):
+    def update(self, received_bytes: int) -> None: ...
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[str, "int | None"], Progress]  # (file name, bytes expected if known) -> a bar
+
+
 class _Transient(Exception):
     """A failure worth retrying on the same mirror (timeouts, resets, 5xx, short bodies)."""
 
@@ -73,6 +81,7 @@ def download(
     retries: int = 3,
     timeout_s: float = 30.0,
     backoff_s: float = 1.0,
+    progress: ProgressFactory | None = None,
 ) -> RawFiles:
     """Makes sure the cache holds verified copies of the four MNIST files.
 
@@ -82,6 +91,8 @@ def download(
       retries: further attempts on the same mirror after a transient failure, with exponential backoff.
       timeout_s: how long a network read may stall before it counts as a failure.
       backoff_s: the first pause between attempts; it doubles each time.
+      progress: makes a progress bar for each transfer (file name, bytes expected if known); without one,
+        progress is logged every 25 %.
 
     Returns:
       The paths of the four files.
@@ -98,7 +109,7 @@ def download(
         if target.is_file() and target.stat().st_size == size and _sha256_of(target) == sha256:
             log.info("%s: cached and verified (%s)", name, target)
         else:
-            _fetch_verified(name, sha256, target, mirrors, retries, timeout_s, backoff_s)
+            _fetch_verified(name, sha256, target, mirrors, retries, timeout_s, backoff_s, progress)
         paths[name] = target
     return RawFiles(
         train_images=paths["train-images-idx3-ubyte"],
@@ -131,6 +142,7 @@ def _fetch_verified(
     retries: int,
     timeout_s: float,
     backoff_s: float,
+    progress: ProgressFactory | None,
 ) -> None:
     failures = []
     for mirror in mirrors:
@@ -138,7 +150,7 @@ def _fetch_verified(
             try:
                 with _open_from_mirror(mirror, name, timeout_s) as (source, total, where):
                     log.info("%s: fetching from %s", name, redact(where))
-                    _write_verified(source, total, name, sha256, target)
+                    _write_verified(source, total, name, sha256, target, progress)
                 log.info("%s: verified and cached (%s)", name, target)
                 return
             except _Transient as error:
@@ -208,15 +220,22 @@ def _request_for(mirror: str, file_name: str) -> tuple[str, urllib.request.Reque
     return url, request
 
 
-def _write_verified(source: BinaryIO, total: int | None, name: str, sha256: str, target: Path) -> None:
+def _write_verified(
+    source: BinaryIO, total: int | None, name: str, sha256: str, target: Path, progress: ProgressFactory | None
+) -> None:
     """Streams `source` (gzip or plain) into the cache; the file appears under `target` only if verified."""
     with atomic_file(target) as out:
-        digest = _copy_decompressing(source, out, total, name)
+        bar = progress(name, total) if progress else None
+        try:
+            digest = _copy_decompressing(source, out, total, name, bar)
+        finally:
+            if bar:
+                bar.close()
         if digest != sha256:
             raise _Permanent(f"sha256 mismatch: got {digest[:12]}…, expected {sha256[:12]}…")
 
 
-def _copy_decompressing(source: BinaryIO, out: BinaryIO, total: int | None, name: str) -> str:
+def _copy_decompressing(source: BinaryIO, out: BinaryIO, total: int | None, name: str, bar: Progress | None) -> str:
     """Copies `source` to `out`, gunzipping it if it is gzip; returns the sha256 of what was written."""
     digest = hashlib.sha256()
     inflater: zlib._Decompress | None = None
@@ -232,7 +251,9 @@ def _copy_decompressing(source: BinaryIO, out: BinaryIO, total: int | None, name
             raise _Permanent(f"corrupt gzip data: {error}") from None
         digest.update(data)
         out.write(data)
-        if total and total > _CHUNK and received / total >= next_report:
+        if bar:
+            bar.update(len(chunk))
+        elif total and total > _CHUNK and received / total >= next_report:
             log.info("%s: %3.0f%% of %.1f MB", name, 100 * received / total, total / 1e6)
             next_report += 0.25
     if inflater is not None:

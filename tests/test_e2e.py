@@ -257,3 +257,15 @@ def test_dashboard_serves_tensorboard_over_the_trials(finished_run):
             assert process.wait(timeout=30) == 0
         finally:
             process.kill()
+
+
+def test_the_run_folder_keeps_the_full_log(finished_run):
+    """pipeline.log holds what the console showed: the driver's records, the tasks' and trials' lines, Tune's
+    trial table and the summary, without colour codes."""
+    folder, result = finished_run
+    text = (folder / "pipeline.log").read_text()
+    for expected in ["run e2e: started", "stage download: started", "(download_task pid=", "(preprocess_task pid=",
+                     "Trial status:", "TERMINATED", "stage evaluate: done", "run e2e finished in", "report:",
+                     "run stopped: QualityGateError"]:
+        assert expected in text, expected
+    assert "\x1b[" not in text
