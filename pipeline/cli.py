@@ -222,21 +222,55 @@ def _run_log(run):
         log_file = folder / "pipeline.log"
         if storage.is_uri(run.location) and storage.exists(storage.join(run.location, "pipeline.log")):
             log_file.write_bytes(storage.read_bytes(storage.join(run.location, "pipeline.log")))
-        with open(log_file, "a", encoding="utf-8") as sink:
-            handler = logging.StreamHandler(sink)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger().addHandler(handler)
-            stdout, stderr = sys.stdout, sys.stderr
-            # Ray prints what tasks and trials write through sys.stdout/sys.stderr as it finds them
-            sys.stdout, sys.stderr = _Tee(stdout, sink), _Tee(stderr, sink)
-            try:
-                yield
-            except BaseException as error:  # the console gets its one line from main(); the log keeps it too
-                sink.write(f"run stopped: {type(error).__name__}: {redact(str(error))}\n")
-                raise
-            finally:
-                sys.stdout, sys.stderr = stdout, stderr
-                logging.getLogger().removeHandler(handler)
+        sink = _LogSink(log_file, sys.stderr)
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        stdout, stderr = sys.stdout, sys.stderr
+        # Ray prints what tasks and trials write through sys.stdout/sys.stderr as it finds them
+        sys.stdout, sys.stderr = _Tee(stdout, sink), _Tee(stderr, sink)
+        try:
+            yield
+        except BaseException as error:  # the console gets its one line from main(); the log keeps it too
+            sink.write(f"run stopped: {type(error).__name__}: {redact(str(error))}\n")
+            raise
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+            logging.getLogger().removeHandler(handler)
+            sink.close()
+
+
+class _LogSink:
+    """The run's log file. A full or failing disk ends the log, said once on the console, never the run."""
+
+    def __init__(self, path, console):
+        self._console = console
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as error:
+            self._fail(error)
+
+    def write(self, text: str) -> None:
+        self._guard(lambda: self._file.write(text))
+
+    def flush(self) -> None:
+        self._guard(lambda: self._file.flush())
+
+    def close(self) -> None:
+        self._guard(lambda: self._file.close())
+        self._file = None
+
+    def _guard(self, action) -> None:
+        if self._file is None:
+            return
+        try:
+            action()
+        except OSError as error:
+            self._fail(error)
+
+    def _fail(self, error: OSError) -> None:
+        self._file = None
+        self._console.write(f"mnist-pipeline: warning: pipeline.log is not written any more: {error.strerror}\n")
 
 
 class _Tee(io.TextIOBase):

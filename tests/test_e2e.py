@@ -269,3 +269,19 @@ def test_the_run_folder_keeps_the_full_log(finished_run):
                      "run stopped: QualityGateError"]:
         assert expected in text, expected
     assert "\x1b[" not in text
+
+
+@pytest.mark.skipif(not any(map(__import__("shutil").which, ["chromium", "chromium-browser", "google-chrome"])),
+                    reason="headless Chromium is not installed (apt-get install chromium)")
+def test_browser_screenshots_of_the_report_and_tensorboard(finished_run, tmp_path):
+    from PIL import Image
+
+    folder, _ = finished_run
+    result = subprocess.run(["bash", "scripts/screenshots.sh", str(folder), str(tmp_path / "shots")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ["report", "tensorboard-scalars", "tensorboard-hparams"]:
+        shot = Image.open(tmp_path / "shots" / f"{name}.png")
+        assert shot.size == (1280, 2400)
+        assert len(set(shot.convert("L").resize((64, 120)).getdata())) > 20, f"{name} looks blank"
