@@ -19,7 +19,7 @@ python=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 mkdir -p "$out"
 
 shoot() {  # URL FILE: a full-height page, after its scripts had time to draw
-    "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,2400 \
+    timeout 90 "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,2400 \
         --virtual-time-budget=15000 --screenshot="$2" "$1" >/dev/null 2>&1
     [[ -s "$2" ]] || { echo "screenshots: Chromium saved nothing for $1" >&2; exit 1; }
     echo "screenshots: $1 -> $2"
@@ -31,7 +31,7 @@ port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 log=$(mktemp)
 "$python" -m pipeline dashboard "$run" --port "$port" >"$log" 2>&1 &
 board=$!
-trap 'kill -INT $board 2>/dev/null || true; wait $board 2>/dev/null || true; rm -f "$log"' EXIT
+trap 'kill $board 2>/dev/null || true; wait $board 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 120); do grep -q "^Ray dashboard:" "$log" && break; sleep 0.5; done
 tensorboard=$(awk '/^TensorBoard:/ {print $2}' "$log")
 [[ -n "$tensorboard" ]] || { echo "screenshots: the dashboard command did not start:" >&2; cat "$log" >&2; exit 1; }
