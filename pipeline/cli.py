@@ -131,25 +131,28 @@ def _predict(args: argparse.Namespace, root: str) -> int:
 
 
 def _dashboard(args: argparse.Namespace, root: str) -> int:
-    import time
+    import signal
 
-    from pipeline.dashboard import logdir_for, ray_dashboard_url, start_tensorboard
+    from pipeline.dashboard import logdir_for, ray_dashboard_url, start_tensorboard, stop
 
     if not 0 < args.port < 65536:
         raise BadInputError(f"--port {args.port}: not a port number")
     logdir = logdir_for(args.run, root)
-    url = start_tensorboard(logdir, args.host, args.port)
-    ray_url = ray_dashboard_url(logdir.parent if args.run else None)
-    print(f"TensorBoard:    {url} (trials in {logdir}; SCALARS: curves per trial, HPARAMS: the search)")
-    print(f"Ray dashboard:  {ray_url}" if ray_url else
-          "Ray dashboard:  none running here (a local run serves one while it runs; for a cluster: "
-          "ray dashboard cluster.yaml, then http://127.0.0.1:8265)")
-    print("Ctrl-C stops TensorBoard.", flush=True)
+    board, url = start_tensorboard(logdir, args.host, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` as well as Ctrl-C stops TensorBoard with us
     try:
-        while True:
-            time.sleep(3600)
+        ray_url = ray_dashboard_url(logdir.parent if args.run else None)
+        print(f"TensorBoard:    {url} (trials in {logdir}; SCALARS: curves per trial, HPARAMS: the search)")
+        print(f"Ray dashboard:  {ray_url}" if ray_url else
+              "Ray dashboard:  none running here (a local run serves one while it runs; for a cluster: "
+              "ray dashboard cluster.yaml, then http://127.0.0.1:8265)")
+        print("Ctrl-C stops TensorBoard.", flush=True)
+        board.wait()
+        raise PipelineError(f"TensorBoard stopped (exit code {board.returncode})")
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop(board)
 
 
 def _resume(args: argparse.Namespace, overrides: list[str]) -> int:

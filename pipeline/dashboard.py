@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
 from stages import storage
-from stages.errors import BadInputError
+from stages.errors import BadInputError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +59,40 @@ def ray_dashboard_url(run_folder: Path | None) -> str | None:
     return None
 
 
-def start_tensorboard(logdir: Path, host: str, port: int) -> str:
-    """Starts TensorBoard in this process (a background thread); returns its URL.
+def start_tensorboard(logdir: Path, host: str, port: int) -> tuple[subprocess.Popen, str]:
+    """Starts TensorBoard as a child process and waits until it answers; returns (the process, its URL).
 
     Raises:
       BadInputError: the port is taken.
+      PipelineError: TensorBoard did not come up.
     """
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
         except OSError:
             raise BadInputError(f"--port {port}: {host}:{port} is in use; choose another port") from None
-    from tensorboard import program
+    # --reload_interval: new epochs of a running experiment appear within seconds
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
+               "--port", str(port), "--reload_interval", "5"]
+    board = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://{host}:{port}/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if board.poll() is not None:
+            raise PipelineError(f"TensorBoard stopped at start: {board.stderr.read().strip()[-300:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return board, url
+        except OSError:
+            time.sleep(0.3)
+    board.kill()
+    raise PipelineError(f"TensorBoard did not answer on {url} within 2 minutes")
 
-    board = program.TensorBoard()
-    # --reload_interval: pick up new epochs of a running experiment within seconds
-    board.configure(argv=[None, "--logdir", str(logdir), "--host", host, "--port", str(port),
-                          "--reload_interval", "5"])
-    return board.launch()
+
+def stop(board: subprocess.Popen) -> None:
+    board.terminate()
+    try:
+        board.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        board.kill()
+        board.wait()

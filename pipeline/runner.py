@@ -72,6 +72,18 @@ def ray_session(config: Config) -> Iterator[str | None]:
         yield f"http://{url}" if url else None
     finally:
         ray.shutdown()
+        _close_progress_bars()
+
+
+def _close_progress_bars() -> None:
+    """Ray draws the tasks' progress bars on this console; a bar whose closing message never arrived (a download
+    that failed as the run ended) would print itself again at exit, after the run's last line."""
+    try:
+        import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", [])):
+        bar.close()
 
 
 def _free_port_from(host: str, port: int, attempts: int = 50) -> int:

@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def code_hash(*module_names: str) -> str:
-    """sha256 over the source files of the named modules (read from disk: `inspect.getsource` fails for modules
-    that Ray's runtime environments unpack)."""
+    """sha256 over the source of the named modules.
+
+    The source is read from the module's file, else from its loader; where neither has it (seen in Ray Jobs, whose
+    working-dir packages can vanish from under a running driver), the installed package version stands in.
+    """
     digest = hashlib.sha256()
     for name in module_names:
-        digest.update(name.encode() + b"\0" + Path(importlib.import_module(name).__file__).read_bytes())
+        digest.update(name.encode() + b"\0" + _source_of(importlib.import_module(name)))
     return digest.hexdigest()
+
+
+def _source_of(module) -> bytes:
+    try:
+        return Path(module.__file__).read_bytes()
+    except (OSError, TypeError):
+        pass
+    try:
+        source = module.__loader__.get_source(module.__name__)
+        if source is not None:
+            return source.encode()
+    except (AttributeError, ImportError, OSError):
+        pass
+    try:
+        version = importlib.metadata.version("mnist-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    log.debug("no source for %s; using the package version %s as its code version", module.__name__, version)
+    return f"version {version}".encode()
