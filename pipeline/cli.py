@@ -277,17 +277,34 @@ class _LogSink:
 
 
 class _Tee(io.TextIOBase):
-    """A console stream that also appends what it shows, without colour codes, to a file."""
+    """A console stream that also appends what it shows, without colour codes, to the run's log.
+
+    TensorFlow's start-up chatter from each task and trial process (info lines its C++ logging prints before any
+    setting can stop it) goes to the log only, so that the console shows the run rather than a wall of logs.
+    """
 
     _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+    _TF_CHATTER = re.compile(
+        r"\) (I\d{4} \d\d:\d\d:[\d.]+ +\d+ \w+\.cc:\d+\]"  # absl info lines of a worker
+        r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+        r"|To enable the following instructions: .* rebuild TensorFlow)"
+    )
 
     def __init__(self, console, sink):
         self._console, self._sink = console, sink
+        self._dropped_line = False
 
     def write(self, text: str) -> int:
-        self._console.write(text)
+        plain = self._ANSI.sub("", text)
         if "\r" not in text:  # progress bars redraw themselves with \r: the console's business, not the log's
-            self._sink.write(self._ANSI.sub("", text))
+            self._sink.write(plain)
+        if self._TF_CHATTER.search(plain):
+            self._dropped_line = True  # print() writes the line's newline separately
+        elif not (self._dropped_line and text == "\n"):
+            self._console.write(text)
+            self._dropped_line = False
+        else:
+            self._dropped_line = False
         return len(text)
 
     def flush(self) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -19,17 +19,19 @@ def code_hash(*module_names: str) -> str:
     """
     digest = hashlib.sha256()
     for name in module_names:
-        digest.update(name.encode() + b"\0" + _source_of(importlib.import_module(name)))
+        digest.update(name.encode() + b"\0" + _source_of(name))
     return digest.hexdigest()
 
 
-def _source_of(module) -> bytes:
+def _source_of(name: str) -> bytes:
+    """The module's source, found without importing it (importing stages.model would load TensorFlow)."""
+    spec = importlib.util.find_spec(name)
     try:
-        return Path(module.__file__).read_bytes()
-    except (OSError, TypeError):
+        return Path(spec.origin).read_bytes()
+    except (AttributeError, OSError, TypeError):
         pass
     try:
-        source = module.__loader__.get_source(module.__name__)
+        source = spec.loader.get_source(name)
         if source is not None:
             return source.encode()
     except (AttributeError, ImportError, OSError):
@@ -38,5 +40,5 @@ def _source_of(module) -> bytes:
         version = importlib.metadata.version("mnist-pipeline")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    log.debug("no source for %s; using the package version %s as its code version", module.__name__, version)
+    log.debug("no source for %s; using the package version %s as its code version", name, version)
     return f"version {version}".encode()
