@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist-pipeline",
         description="Download, preprocess, tune (Ray Tune) and evaluate the classic MNIST CNN.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_config_arguments(command: argparse.ArgumentParser) -> None:
@@ -53,10 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config (file + overrides) and exit")
     add_config_arguments(show)
 
-    runs = commands.add_parser("runs", help="list the runs under run.root with their accuracies")
+    runs = commands.add_parser(
+        "runs", help="list the runs under run.root with their accuracies",
+        description="List the runs under run.root: status (finished, or the stage it stopped in), validation and "
+        "test accuracy, trials, time.",
+    )
     add_config_arguments(runs)
 
-    predict = commands.add_parser("predict", help="classify images of digits with a run's model")
+    predict = commands.add_parser(
+        "predict", help="classify images of digits with a run's model",
+        description="Classify PNG/JPEG images of single digits (any size, colour or grey, dark ink on paper or light "
+        "on dark) with a run's exported model; prints each image's digit and probability.",
+    )
     predict.add_argument("model", metavar="RUN_OR_MODEL", help="run id (under run.root), run folder, or model.keras")
     predict.add_argument("images", metavar="IMAGE", nargs="+", type=str, help="PNG or JPEG files")
     predict.add_argument("--top", type=int, default=1, metavar="K", help="also show the next K-1 likeliest digits")
@@ -70,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--port", type=int, default=6006, help="TensorBoard's port (default: 6006)")
     add_config_arguments(dashboard)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mnist-pipeline")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,14 +138,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace, root: str) -> int:
-    from pipeline.predict import find_model, format_prediction, predict
+    from pipeline.predict import find_model, format_prediction, load_digit, predict
 
     if args.top < 1 or args.top > 10:
         raise BadInputError(f"--top {args.top}: give a number from 1 to 10")
     model = find_model(args.model, root)
-    for prediction in predict(model, args.images):
-        print(format_prediction(prediction, top=args.top))
-    return 0
+    digits, failed = {}, 0
+    for image in args.images:  # every image is read before the model loads: a typo is reported at once
+        try:
+            digits[image] = load_digit(image)
+        except BadInputError as error:
+            print(f"mnist-pipeline: error: {error}", file=sys.stderr)
+            failed += 1
+    if digits:
+        for prediction in predict(model, digits):
+            print(format_prediction(prediction, top=args.top))
+    return 2 if failed else 0
 
 
 def _dashboard(args: argparse.Namespace, root: str) -> int:
@@ -139,7 +165,9 @@ def _dashboard(args: argparse.Namespace, root: str) -> int:
         raise BadInputError(f"--port {args.port}: not a port number")
     logdir = logdir_for(args.run, root)
     board, url = start_tensorboard(logdir, args.host, args.port)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` as well as Ctrl-C stops TensorBoard with us
+    # Ctrl-C and `kill` stop TensorBoard with us, even where SIGINT came ignored (started from a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         ray_url = ray_dashboard_url(logdir.parent if args.run else None)
         print(f"TensorBoard:    {url} (trials in {logdir}; SCALARS: curves per trial, HPARAMS: the search)")
@@ -185,7 +213,14 @@ def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _run(config, *, resume: bool = False) -> int:
     from pipeline.run_folder import create_run_folder, open_run_folder, remove_empty_run_folder, run_lock
-    from pipeline.runner import check_cluster, check_quality_gate, format_summary, ray_session, run_pipeline
+    from pipeline.runner import (
+        check_cluster,
+        check_quality_gate,
+        check_resume,
+        format_summary,
+        ray_session,
+        run_pipeline,
+    )
     from stages import storage
 
     if config.ray.address is None and config.ray.num_cpus is not None:
@@ -195,6 +230,8 @@ def _run(config, *, resume: bool = False) -> int:
             )
     open_or_create = open_run_folder if resume else create_run_folder
     run = open_or_create(config.run.root, config.run.id)
+    if resume:
+        check_resume(config, run)
     with run_lock(run), ray_session(config) as dashboard:
         try:
             check_cluster(config)
@@ -235,7 +272,8 @@ def _run_log(run):
         try:
             yield
         except BaseException as error:  # the console gets its one line from main(); the log keeps it too
-            sink.write(f"run stopped: {type(error).__name__}: {redact(str(error))}\n")
+            reason = redact(str(error)) if isinstance(error, PipelineError) else type(error).__name__
+            sink.write(f"run stopped: {reason or type(error).__name__}\n")
             raise
         finally:
             sys.stdout, sys.stderr = stdout, stderr

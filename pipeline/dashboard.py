@@ -34,9 +34,9 @@ def logdir_for(run: str | None, root: str) -> Path:
         )
     folder = Path(target).expanduser().resolve()
     if run is not None:
-        folder = folder / "tune" if (folder / "tune").is_dir() else folder
-        if not (folder.parent / "config.yaml").is_file():
-            raise BadInputError(f"no run at {folder.parent} (no config.yaml there)")
+        if not (folder / "config.yaml").is_file():
+            raise BadInputError(f"no run {run!r} at {folder} (no config.yaml there)")
+        folder = folder / "tune"
     elif not folder.is_dir():
         raise BadInputError(f"run.root={root!r}: {folder} is not a folder")
     return folder

@@ -6,6 +6,9 @@ MNIST digits are white strokes on black, scaled so the digit fits a 20x20 box an
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,18 +99,40 @@ def _shift(image: np.ndarray, down: int, right: int) -> np.ndarray:
     return shifted
 
 
-def predict(model_location: str, images: list[str]) -> list[Prediction]:
-    """Classifies each image file with the model at `model_location` (safe-mode Keras load)."""
-    import keras
+def predict(model_location: str, digits: dict[str, np.ndarray]) -> list[Prediction]:
+    """Classifies each image (name -> 28x28 digit from `load_digit`) with the model at `model_location`.
 
-    digits = np.stack([load_digit(image) for image in images])
-    with storage.local_copy(model_location) as model_file:
-        model = keras.models.load_model(model_file, safe_mode=True, compile=False)
-    probabilities = model.predict(digits, verbose=0)
+    Raises:
+      BadInputError: the file is not a Keras model this code can load (safe mode: no code from the file runs).
+    """
+    with _quiet_native_stderr():  # TensorFlow's C++ start-up lines: noise for a one-line answer
+        import keras
+
+        with storage.local_copy(model_location) as model_file:
+            try:
+                model = keras.models.load_model(model_file, safe_mode=True, compile=False)
+            except Exception as error:  # Keras raises ValueError, OSError, zipfile errors... for a bad file
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise BadInputError(f"{model_location}: not a Keras model it can load ({first_line})") from None
+        probabilities = model.predict(np.stack(list(digits.values())), verbose=0)
     return [
         Prediction(image, int(row.argmax()), float(row.max()), [float(p) for p in row])
-        for image, row in zip(images, probabilities)
+        for image, row in zip(digits, probabilities)
     ]
+
+
+@contextmanager
+def _quiet_native_stderr():
+    """Sends what native code writes to file descriptor 2 to /dev/null for the block; Python errors still surface."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def format_prediction(prediction: Prediction, *, top: int = 1) -> str:

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import Config
 from pipeline.run_folder import RunFolder
-from pipeline.stage_records import StageInputs, StageRecords, describe_changes, stage_inputs
+from pipeline.stage_records import StageInputs, StageRecords, changed_code, describe_changes, stage_inputs
 from pipeline.tasks import (
     SplitRefs,
     download_task,
@@ -152,8 +152,6 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
     level = logging.getLogger().getEffectiveLevel()
     inputs = stage_inputs(config)
     records = StageRecords.load(run.location) if resume else StageRecords(run.location)
-    if resume:
-        _refuse_discarding_training(run, records, inputs)
     seconds: dict[str, float] = {}
     skipped: list[str] = []
 
@@ -242,14 +240,26 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
     return summary
 
 
-def _refuse_discarding_training(run: RunFolder, records: StageRecords, inputs: dict[str, StageInputs]) -> None:
-    """A Tune experiment can only continue with the inputs it started with; anything else would throw it away."""
-    started = records.started("train")
-    if started is not None and started.fingerprint != inputs["train"].fingerprint:
-        changes = describe_changes(records, inputs, upto="train") or ["the inputs of an earlier stage"]
-        raise BadInputError(
-            f"cannot resume run {run.run_id}: its Tune experiment was started with other inputs "
-            f"({'; '.join(changes)}); resume without those changes, or start a new run"
+def check_resume(config: Config, run: RunFolder) -> None:
+    """Refuses, before anything starts, a resume whose settings would throw the run's training away; says when
+    the code changed since (finished work is kept, the rest runs with the new code).
+
+    Raises:
+      BadInputError: a setting the Tune experiment (or a stage before it) ran with differs now.
+    """
+    records, inputs = StageRecords.load(run.location), stage_inputs(config)
+    if records.started("train") is not None:
+        changes = describe_changes(records, inputs, upto="train")
+        if changes:
+            raise BadInputError(
+                f"cannot resume run {run.run_id}: its Tune experiment was started with other settings "
+                f"({'; '.join(changes)}); resume without those changes, or start a new run"
+            )
+    code = changed_code(records, inputs)
+    if code:
+        log.warning(
+            "run %s: the code of the %s stage%s changed since it ran; finished trials and checkpoints are kept, "
+            "what is left runs with the new code", run.run_id, ", ".join(code), "s" if len(code) > 1 else "",
         )
 
 

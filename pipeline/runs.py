@@ -41,7 +41,8 @@ def describe_run(root: str, run_id: str) -> RunInfo:
 
 def format_runs(runs: list[RunInfo], root: str) -> str:
     if not runs:
-        return f"no runs in {root}"
+        exists = storage.exists(root) if storage.is_uri(root) else Path(root).expanduser().is_dir()
+        return f"no runs in {root}" + ("" if exists else " (no such folder)")
     header = f"{'RUN':<28} {'STATUS':<26} {'VAL ACC':>8} {'TEST ACC':>9} {'TRIALS':>6} {'TIME':>8}"
     lines = [header]
     for run in runs:

@@ -135,8 +135,8 @@ class StageRecords:
 
 
 def describe_changes(records: StageRecords, current: dict[str, StageInputs], upto: str) -> list[str]:
-    """What differs between the recorded inputs of the stages up to `upto` and the current ones, for people:
-    "train.epochs: 6 -> 4", "the code of the train stage"."""
+    """The settings that differ between the recorded inputs of the stages up to `upto` and the current ones, for
+    people: "train.epochs: 6 -> 4"."""
     changes = []
     for stage, inputs in current.items():
         record = records.started(stage)
@@ -145,8 +145,14 @@ def describe_changes(records: StageRecords, current: dict[str, StageInputs], upt
                 old, new = record.settings.get(key), inputs.settings.get(key)
                 if old != new:
                     changes.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
-            if record.code != inputs.code:
-                changes.append(f"the code of the {stage} stage")
         if stage == upto:
             break
     return list(dict.fromkeys(changes))  # run.seed feeds two stages: name it once
+
+
+def changed_code(records: StageRecords, current: dict[str, StageInputs]) -> list[str]:
+    """The stages whose code differs from the code they ran with."""
+    return [
+        stage for stage, inputs in current.items()
+        if (record := records.started(stage)) is not None and record.code != inputs.code
+    ]

@@ -261,10 +261,11 @@ def test_killed_during_evaluate_skips_training(tmp_path, mnist_mirror):
     changed = resume(folder, "--set", "train.epochs=5")
     assert changed.returncode == 2, changed.stderr
     assert changed.stderr.strip().splitlines()[-1] == (
-        "mnist-pipeline: error: cannot resume run eval: its Tune experiment was started with other inputs "
+        "mnist-pipeline: error: cannot resume run eval: its Tune experiment was started with other settings "
         "(train.epochs: 2 -> 5); resume without those changes, or start a new run"
     )
     assert trial_epochs(folder) == epochs_before
+    assert "Ray" not in changed.stderr, "refused before any Ray started"
 
 
 def test_resume_refusals(tmp_path, mnist_mirror):
