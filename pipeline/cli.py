@@ -185,6 +185,7 @@ def _dashboard(args: argparse.Namespace, root: str) -> int:
 
 def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
     from pipeline.config import load_config, load_run_config
+    from pipeline.run_folder import locate_run
     from stages import storage
 
     if args.config is not None:
@@ -195,20 +196,16 @@ def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
         raise BadInputError("--resume RUN names the run already: leave out --run-id")
     if args.address:
         overrides.append(f"ray.address={json.dumps(args.address)}")
-    if storage.is_uri(args.resume) or "/" in args.resume:
-        location = args.resume if storage.is_uri(args.resume) else str(Path(args.resume).expanduser().resolve())
-    else:  # a run id: look in run.root (the default, or as --set gives it)
-        root = load_config(None, overrides).run.root
-        location = storage.join(root if storage.is_uri(root) else str(Path(root).expanduser().resolve()), args.resume)
+    # a run id is looked up in run.root: the default, or as --set gives it
+    run = locate_run(args.resume, load_config(None, overrides).run.root)
     # the folder may have moved since the run started: it is where it is now
     overrides += [
-        f"run.root={json.dumps(storage.parent_of(location))}",
-        f"run.id={json.dumps(storage.name_of(location))}",
+        f"run.root={json.dumps(storage.parent_of(run.location))}",
+        f"run.id={json.dumps(run.run_id)}",
     ]
-    config_file = storage.join(location, "config.yaml")
-    if not storage.exists(config_file):
-        raise BadInputError(f"no run to resume at {redact(location)} (no config.yaml there)")
-    return _run(load_run_config(config_file, overrides), resume=True)
+    if not storage.exists(run.config_file):
+        raise BadInputError(f"no run to resume at {redact(run.location)} (no config.yaml there)")
+    return _run(load_run_config(run.config_file, overrides), resume=True)
 
 
 def _run(config, *, resume: bool = False) -> int:
@@ -259,9 +256,9 @@ def _run_log(run):
     from stages import storage
 
     with storage.local_folder_for(run.location) as folder:
-        log_file = folder / "pipeline.log"
-        if storage.is_uri(run.location) and storage.exists(storage.join(run.location, "pipeline.log")):
-            log_file.write_bytes(storage.read_bytes(storage.join(run.location, "pipeline.log")))
+        log_file = folder / storage.name_of(run.log_file)
+        if storage.is_uri(run.location) and storage.exists(run.log_file):
+            log_file.write_bytes(storage.read_bytes(run.log_file))
         sink = _LogSink(log_file, sys.stderr)
         handler = logging.StreamHandler(sink)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -338,11 +335,10 @@ class _Tee(io.TextIOBase):
             self._sink.write(plain)
         if self._TF_CHATTER.search(plain):
             self._dropped_line = True  # print() writes the line's newline separately
-        elif not (self._dropped_line and text == "\n"):
+            return len(text)
+        if not (self._dropped_line and text == "\n"):
             self._console.write(text)
-            self._dropped_line = False
-        else:
-            self._dropped_line = False
+        self._dropped_line = False
         return len(text)
 
     def flush(self) -> None:

@@ -12,12 +12,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipeline.run_folder import RunFolder, locate_run
 from stages import storage
 from stages.errors import BadInputError, PipelineError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RAY_DASHBOARD = "http://127.0.0.1:8265"
+EXPERIMENT_DIR = "tune"  # stages.train.EXPERIMENT_NAME, not imported: that would load Ray Tune for a viewer
 
 
 def logdir_for(run: str | None, root: str) -> Path:
@@ -26,7 +28,7 @@ def logdir_for(run: str | None, root: str) -> Path:
     Raises:
       BadInputError: no such run, or it lives in an object store (TensorBoard reads local or mounted folders).
     """
-    target = root if run is None else (run if "/" in run or storage.is_uri(run) else storage.join(root, run))
+    target = root if run is None else locate_run(run, root).location
     if storage.is_uri(target):
         raise BadInputError(
             f"TensorBoard reads local or mounted folders, not {target}: copy the run down first "
@@ -34,9 +36,9 @@ def logdir_for(run: str | None, root: str) -> Path:
         )
     folder = Path(target).expanduser().resolve()
     if run is not None:
-        if not (folder / "config.yaml").is_file():
+        if not Path(RunFolder(str(folder)).config_file).is_file():
             raise BadInputError(f"no run {run!r} at {folder} (no config.yaml there)")
-        folder = folder / "tune"
+        folder = folder / EXPERIMENT_DIR
     elif not folder.is_dir():
         raise BadInputError(f"run.root={root!r}: {folder} is not a folder")
     return folder
@@ -45,7 +47,7 @@ def logdir_for(run: str | None, root: str) -> Path:
 def ray_dashboard_url(run_folder: Path | None) -> str | None:
     """The Ray dashboard that answers: the one the run logged (a local run's own), else Ray's default address."""
     candidates = []
-    log_file = run_folder / "pipeline.log" if run_folder else None
+    log_file = Path(RunFolder(str(run_folder)).log_file) if run_folder else None
     if log_file and log_file.is_file():
         candidates += reversed(re.findall(r"Ray dashboard: (http://\S+)", log_file.read_text(errors="replace")))
     candidates.append(DEFAULT_RAY_DASHBOARD)

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.run_folder import locate_run
 from stages import storage
 from stages.errors import BadInputError
-
-MODEL_IN_RUN = "model/model.keras"
 
 
 @dataclass(frozen=True)
@@ -33,13 +32,9 @@ def find_model(run_or_model: str, root: str) -> str:
     Raises:
       BadInputError: nothing there holds a model.
     """
-    candidates = [run_or_model] if run_or_model.endswith(".keras") else [
-        storage.join(run_or_model, MODEL_IN_RUN),
-        storage.join(root, run_or_model, MODEL_IN_RUN),
-    ]
-    for candidate in candidates:
-        if storage.exists(candidate):
-            return candidate
+    model = run_or_model if run_or_model.endswith(".keras") else locate_run(run_or_model, root).model_file
+    if storage.exists(model):
+        return model
     raise BadInputError(
         f"no model at {run_or_model!r}: give a model.keras file, a run folder, or the id of a finished run in {root}"
     )

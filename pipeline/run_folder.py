@@ -39,6 +39,8 @@ class RunFolder:
 
 _ARTIFACTS = {
     "config_file": "config.yaml",  # the resolved config of the run
+    "log_file": "pipeline.log",  # everything the console showed, with the driver's records timestamped
+    "stages_file": "stages.json",  # what each finished stage did (pipeline.stage_records)
     "data_dir": "data",  # dataset.npz and manifest.json
     "model_dir": "model",  # model.keras and hyperparameters.json
     "model_file": "model/model.keras",
@@ -46,8 +48,7 @@ _ARTIFACTS = {
     "summary_file": "summary.json",
     "report_file": "report.html",  # self-contained: figures embedded
     "figures_dir": "report",  # the report's figures as PNG files
-}  # and pipeline.log (the driver's log), stages.json (pipeline.stage_records), .lock (run_lock),
-# tune/ (the Tune experiment: trials, checkpoints, TensorBoard event files)
+}  # and .lock (run_lock), tune/ (the Tune experiment: trials, checkpoints, TensorBoard event files)
 
 
 def new_run_id() -> str:
@@ -86,20 +87,24 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
     return RunFolder(str(folder))
 
 
+def locate_run(run: str, root: str) -> RunFolder:
+    """A run named by the user: its folder or URI (anything with a '/'), else its id under `root`."""
+    if storage.is_uri(run):
+        return RunFolder(run)
+    if "/" in run:
+        return RunFolder(str(Path(run).expanduser().resolve()))
+    return RunFolder(storage.join(root if storage.is_uri(root) else str(Path(root).expanduser().resolve()), run))
+
+
 def open_run_folder(root: str, run_id: str) -> RunFolder:
     """The folder of an earlier run, to resume it; temporary files its killed writers left on this host are removed."""
     location = storage.join(root, run_id) if storage.is_uri(root) else str(Path(root, run_id))
     run = RunFolder(location)
     if not storage.is_uri(location):
-        stale = [part for folder in _folders(Path(location)) for part in sweep_stale_parts(folder)]
+        stale = sweep_stale_parts(Path(location), recursive=True)
         if stale:
             log.info("run %s: removed %d temporary file(s) left by killed writers", run_id, len(stale))
     return run
-
-
-def _folders(top: Path) -> Iterator[Path]:
-    yield top
-    yield from (path for path in top.rglob("*") if path.is_dir())
 
 
 @contextmanager

@@ -295,7 +295,7 @@ def format_summary(summary: RunSummary) -> str:
         f"{metrics['test_images']} images)",
         f"  trial nodes:     {', '.join(node[:12] for node in nodes)}",
         f"  stage times:     {times}",
-        f"  report:          {redact(storage.join(summary.folder, 'report.html'))}",
+        f"  report:          {redact(RunFolder(summary.folder).report_file)}",
         f"  artifacts:       {redact(summary.folder)}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
     ]
     return "\n".join(lines)

@@ -6,7 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.run_folder import RunFolder
+from pipeline.stage_records import StageRecords
 from stages import storage
+from stages.errors import DataError
 
 STAGES = ("download", "preprocess", "train", "evaluate")
 
@@ -27,14 +30,19 @@ def list_runs(root: str) -> list[RunInfo]:
 
 
 def describe_run(root: str, run_id: str) -> RunInfo:
-    location = storage.join(root, run_id)
-    summary = _read_json(storage.join(location, "summary.json"))
-    records = _read_json(storage.join(location, "stages.json")) or {}
-    finished = [stage for stage in STAGES if (records.get(stage) or {}).get("finished")]
-    if summary and len(finished) == len(STAGES):
+    run = RunFolder(storage.join(root, run_id))
+    try:
+        summary = json.loads(storage.read_bytes(run.summary_file))
+    except (OSError, ValueError):
+        summary = None
+    try:
+        records = StageRecords.load(run.location)
+    except DataError:
+        records = StageRecords(run.location)
+    begun = [stage for stage in STAGES if records.started(stage) is not None]
+    if summary and all(records.started(stage) and records.started(stage).finished for stage in STAGES):
         return RunInfo(run_id, "finished", summary.get("val_accuracy"), summary.get("test_accuracy"),
                        summary.get("trials"), sum(summary.get("stage_seconds", {}).values()))
-    begun = [stage for stage in STAGES if stage in records]
     status = f"stopped in {begun[-1]}" if begun else "stopped before download"
     return RunInfo(run_id, status, None, None, None, None)
 
@@ -60,20 +68,13 @@ def _run_ids(root: str) -> list[str]:
         folder = Path(root).expanduser()
         if not folder.is_dir():
             return []
-        return [path.name for path in folder.iterdir() if (path / "config.yaml").is_file()]
+        return [path.name for path in folder.iterdir() if Path(RunFolder(str(path)).config_file).is_file()]
     import pyarrow.fs
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(root)
     entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     folders = [entry.base_name for entry in entries if entry.type == pyarrow.fs.FileType.Directory]
-    return [name for name in folders if storage.exists(storage.join(root, name, "config.yaml"))]
-
-
-def _read_json(location: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(location))
-    except (OSError, ValueError):
-        return None
+    return [name for name in folders if storage.exists(RunFolder(storage.join(root, name)).config_file)]
 
 
 def _percent(value: float | None) -> str:

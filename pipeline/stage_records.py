@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import Config, to_plain
+from pipeline.run_folder import RunFolder
 from stages import storage
 from stages.code_hash import code_hash
 from stages.errors import DataError
-
-STAGES_FILE = "stages.json"
 
 # The modules whose code decides each stage's output: editing one invalidates that stage (and those after it).
 _STAGE_CODE = {
@@ -92,7 +91,7 @@ class StageRecords:
     """The records of one run folder, read once and rewritten (atomically) after every stage."""
 
     def __init__(self, run_location: str, records: dict[str, StageRecord] | None = None):
-        self._file = storage.join(run_location, STAGES_FILE)
+        self._file = RunFolder(run_location).stages_file
         self._records = dict(records or {})
 
     @classmethod
@@ -102,7 +101,7 @@ class StageRecords:
         Raises:
           DataError: stages.json exists but cannot be read.
         """
-        location = storage.join(run_location, STAGES_FILE)
+        location = RunFolder(run_location).stages_file
         if not storage.exists(location):
             return cls(run_location)
         try:

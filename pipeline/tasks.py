@@ -155,9 +155,9 @@ def evaluate_task(
     }
     storage.write_json(run.metrics_file, metrics)
     timings = {**stage_seconds, "evaluate": round(time.perf_counter() - started, 2)}
-    report = write_report(
+    write_report(
         ReportInputs(run.run_id, metrics, timings, epochs, test.images, test.labels, probabilities),
-        run.location, run.figures_dir,
+        run.report_file, run.figures_dir,
     )
-    log.info("report: %s", redact(report))
+    log.info("report: %s", redact(run.report_file))
     return metrics

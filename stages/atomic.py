@@ -48,14 +48,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 
-def sweep_stale_parts(folder: Path) -> list[Path]:
-    """Removes the temporary files of writers on this host that died before renaming them (kill -9, power loss).
+def sweep_stale_parts(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Removes the temporary files of writers on this host that died before renaming them (kill -9, power loss),
+    in `folder` (and the folders below it, if `recursive`).
 
     Files of live writers, and of writers on other hosts sharing the folder, are left alone. Returns what was removed.
     """
     host = socket.gethostname()
     removed = []
-    for part in folder.glob(".*.part*"):
+    for part in folder.glob("**/.*.part*" if recursive else ".*.part*"):
         match = re.match(rf"^\.(.+)\.{re.escape(host)}\.(\d+)\.[^.]+\.part", part.name)
         if match and not _alive(int(match.group(2))):
             part.unlink(missing_ok=True)

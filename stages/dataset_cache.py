@@ -46,5 +46,4 @@ def cached_preprocess(raw: RawFiles, cache_dir: Path, **settings) -> tuple[prepr
         **preprocess.manifest(splits, raw, validation_size=settings["validation_size"], seed=settings["seed"]),
         "fingerprint": key,
     }
-    preprocess.save_splits(splits, info, str(folder))
-    return splits, json.loads((folder / "manifest.json").read_text()), False
+    return splits, preprocess.save_splits(splits, info, str(folder)), False

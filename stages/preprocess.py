@@ -118,8 +118,9 @@ def manifest(splits: Splits, raw: RawFiles, *, validation_size: int, seed: int) 
     }
 
 
-def save_splits(splits: Splits, info: dict, location: str) -> str:
-    """Writes `dataset.npz` and `manifest.json` into the folder or URI `location`; returns the dataset's location."""
+def save_splits(splits: Splits, info: dict, location: str) -> dict:
+    """Writes `dataset.npz` and `manifest.json` into the folder or URI `location`; returns the manifest written
+    (`info` with the dataset's sha256)."""
     arrays = {}
     for name, split in _named(splits):
         arrays[f"{name}_images"] = split.images
@@ -131,7 +132,7 @@ def save_splits(splits: Splits, info: dict, location: str) -> str:
     # the manifest goes last and names the dataset's checksum: a folder with a manifest holds a complete dataset
     info = {**info, "dataset_sha256": hashlib.sha256(buffer.getbuffer()).hexdigest()}
     storage.write_json(storage.join(location, "manifest.json"), info)
-    return dataset
+    return info
 
 
 def load_splits(dataset: str | Path) -> Splits:

@@ -14,7 +14,6 @@ import numpy as np
 
 from stages import storage
 
-REPORT_FILE = "report.html"
 FIGURES = ("curves", "hyperparameters", "confusion", "mistakes", "per_class")
 MAX_MISTAKES_SHOWN = 40
 _ACCENT, _MUTED, _STOPPED = "#d62728", "#9aa5b1", "#1f77b4"
@@ -31,9 +30,9 @@ class ReportInputs:
     probabilities: np.ndarray  # (n, 10)
 
 
-def write_report(inputs: ReportInputs, run_location: str, figures_location: str) -> str:
-    """Draws the figures, writes them as PNGs into `figures_location` and the page embedding them as
-    `run_location`/report.html; returns the page's location."""
+def write_report(inputs: ReportInputs, page_location: str, figures_location: str) -> None:
+    """Draws the figures, writes them as PNGs into `figures_location`, and the page embedding them to
+    `page_location` (a path or URI)."""
     pngs = {
         "curves": _curves(inputs),
         "hyperparameters": _hyperparameters(inputs),
@@ -43,9 +42,7 @@ def write_report(inputs: ReportInputs, run_location: str, figures_location: str)
     }
     for name, png in pngs.items():
         storage.write_bytes(storage.join(figures_location, f"{name}.png"), png)
-    page = storage.join(run_location, REPORT_FILE)
-    storage.write_bytes(page, render_html(inputs, pngs).encode())
-    return page
+    storage.write_bytes(page_location, render_html(inputs, pngs).encode())
 
 
 def accuracy_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
