@@ -52,7 +52,7 @@ def main() -> None:
     from stages.preprocess import manifest, preprocess, save_splits
 
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
-    raw = download([args.mirror], work / "cache")
+    raw = download([args.mirror], work / "cache").read()
     splits = preprocess(raw, validation_size=1000, max_train_images=args.images + 1000, max_test_images=1000)
     save_splits(splits, manifest(splits, raw, validation_size=1000, seed=0), str(work))
 

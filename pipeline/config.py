@@ -65,6 +65,9 @@ class RunSection(BaseModel):
         return value
 
 
+STAGE_TASKS = ("download", "preprocess", "evaluate")  # the stages that run as tasks of their own (train drives Tune)
+
+
 class RaySection(BaseModel):
     model_config = _SECTION
 
@@ -84,6 +87,23 @@ class RaySection(BaseModel):
         return address
     dashboard_host: str = Field("127.0.0.1", description="interface the dashboard binds to; keep it local")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="dashboard port (the next free one if taken)")
+    stage_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="custom Ray resources a stage task needs besides its CPU, e.g. {download: {internet: 1}}",
+    )
+
+    @field_validator("stage_resources")
+    @classmethod
+    def _stage_resources(cls, wanted: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for stage, resources in wanted.items():
+            if stage not in STAGE_TASKS:
+                raise ValueError(f"{stage!r} is not a stage with a task of its own: use {', '.join(STAGE_TASKS)}")
+            for name, amount in resources.items():
+                if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ValueError(f"{stage}.{name}: Ray's built-in resources are set by the pipeline, not here")
+                if not 0 < amount <= 1e6:
+                    raise ValueError(f"{stage}.{name}={amount:g}: give an amount above 0")
+        return wanted
 
 
 class DataSection(BaseModel):

@@ -14,18 +14,18 @@ from pathlib import Path
 
 from stages import idx, preprocess
 from stages.code_hash import code_hash
-from stages.download import RawFiles
+from stages.download import RawData
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(raw: RawFiles, **settings) -> str:
+def fingerprint(raw: RawData, **settings) -> str:
     """Identifies a split: the source files' checksums, the split settings, and the code that computes it."""
     identity = {"sources": raw.sha256, "settings": settings, "code": code_hash(preprocess.__name__, idx.__name__)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def cached_preprocess(raw: RawFiles, cache_dir: Path, **settings) -> tuple[preprocess.Splits, dict, bool]:
+def cached_preprocess(raw: RawData, cache_dir: Path, **settings) -> tuple[preprocess.Splits, dict, bool]:
     """`preprocess.preprocess(raw, **settings)`, or the verified split an earlier run made with the same inputs.
 
     Returns:

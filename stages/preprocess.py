@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from stages import storage
-from stages.download import RawFiles
+from stages.download import RawData
 from stages.errors import BadInputError
-from stages.idx import NUM_CLASSES, read_labeled_images
+from stages.idx import NUM_CLASSES, labeled_images_from
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Splits:
 
 
 def preprocess(
-    raw: RawFiles,
+    raw: RawData,
     *,
     validation_size: int = 5000,
     seed: int = 0,
@@ -54,7 +54,7 @@ def preprocess(
     """Reads the four IDX files and splits MNIST's training set into train and validation.
 
     Args:
-      raw: the verified IDX files.
+      raw: the contents of the verified IDX files.
       validation_size: images held out of training for Tune to rank trials by; stratified by class.
       seed: seeds the split; the same seed and inputs always give the same split.
       max_train_images: use only the first N images of the training file (quick runs and tests).
@@ -67,8 +67,12 @@ def preprocess(
       DataError: a file is malformed.
       BadInputError: the sizes asked for do not fit the data.
     """
-    images, labels = read_labeled_images(raw.train_images, raw.train_labels)
-    test_images, test_labels = read_labeled_images(raw.test_images, raw.test_labels)
+    images, labels = labeled_images_from(
+        raw.train_images, raw.train_labels, "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+    )
+    test_images, test_labels = labeled_images_from(
+        raw.test_images, raw.test_labels, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+    )
     images, labels = images[:max_train_images], labels[:max_train_images]
     test = LabeledImages(test_images[:max_test_images], test_labels[:max_test_images])
     if not 0 < validation_size < len(labels):
@@ -104,7 +108,7 @@ def stratified_split(labels: np.ndarray, holdout_size: int, seed: int) -> tuple[
     return kept, held_out
 
 
-def manifest(splits: Splits, raw: RawFiles, *, validation_size: int, seed: int) -> dict:
+def manifest(splits: Splits, raw: RawData, *, validation_size: int, seed: int) -> dict:
     """What the dataset is, for people and for later runs deciding whether it can be reused."""
     return {
         "format": "npz of uint8 arrays: {split}_images (n, 28, 28), {split}_labels (n,)",

@@ -31,6 +31,12 @@ def raw_files(mnist_mirror, tmp_path_factory):
     return download([str(mnist_mirror)], tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session")
+def raw_data(raw_files):
+    """The four verified IDX files' contents: what the download stage hands to preprocess."""
+    return raw_files.read()
+
+
 class MirrorHandler(http.server.BaseHTTPRequestHandler):
     """Serves the real files under /ok/, and each kind of broken mirror under its own prefix.
 

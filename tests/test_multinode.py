@@ -1,19 +1,22 @@
-"""The pipeline on a real multi-node Ray cluster on this machine (`ray start` head + workers, one CPU each).
+"""The pipeline on a real multi-node Ray cluster on this machine whose nodes share nothing but the run root.
 
-Nodes here share one disk, which stands in for the NFS mount a real cluster would give `run.root`.
+Each node has its own home (so its own default `data.cache_dir`) and /tmp; the run root is one folder mounted on
+every node like an NFS export (tests/ray_nodes.py, tests/private_disks.py). Drivers run on the head.
 """
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ray_nodes import ENV, RayNodes
+from private_disks import missing_prerequisites
+from ray_nodes import RAY, Node, RayNodes
 
 REPO = Path(__file__).resolve().parent.parent
+why_not = missing_prerequisites()
+pytestmark = pytest.mark.skipif(why_not is not None, reason=f"multi-node tests: {why_not}")
 
 SMALL_RUN = [
     "--set", "data.max_train_images=2000",
@@ -23,53 +26,77 @@ SMALL_RUN = [
     "--set", "train.search_space={}",
     "--set", "train.cpus_per_trial=1",
 ]
+CACHED_FILE = Path("root/.cache/mnist-pipeline/train-images-idx3-ubyte")  # in a node's folder: its default cache
 
 
-def pipeline_command(address, root, cache, mirror, *settings):
+def pipeline_args(address, root, mirror, *settings, run_id="multinode"):
+    """A run with the default data.cache_dir: every node downloads into its own home."""
     return [
-        sys.executable, "-m", "pipeline", "run", "--address", address, "--run-id", "multinode",
-        "--set", f"run.root={root}", "--set", f"data.cache_dir={cache}", "--set", f"data.mirrors=[{mirror}]",
-        *SMALL_RUN, *settings,
+        "python", "-m", "pipeline", "run", "--address", address, "--run-id", run_id,
+        "--set", f"run.root={root}", "--set", f"data.mirrors=[{mirror}]", *SMALL_RUN, *settings,
     ]
 
 
+def run_on_head(cluster, args, timeout):
+    return subprocess.run(cluster.command(*args, cwd=REPO), capture_output=True, text=True, env=cluster.env,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    nodes = RayNodes(workers=2)
+def cluster(tmp_path_factory):
+    """A head and two workers of one CPU each; the workers also carry a resource that pins a stage to them."""
+    nodes = RayNodes(workers=[Node(resources={"downloader": 1}), Node(resources={"parser": 1})],
+                     work=tmp_path_factory.mktemp("cluster"))
     yield nodes
     nodes.shutdown()
 
 
-def test_a_local_run_root_is_refused_on_several_nodes(cluster, tmp_path, mnist_mirror):
-    result = subprocess.run(
-        pipeline_command(cluster.address, tmp_path / "runs", tmp_path / "cache", mnist_mirror),
-        capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300,
-    )
+def test_a_local_run_root_is_refused_on_several_nodes(cluster, mnist_mirror):
+    result = run_on_head(cluster, pipeline_args(cluster.address, "/tmp/runs", mnist_mirror), timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
     assert "is a local folder but the cluster has (or may grow to) 3 nodes" in error
     assert "run.shared_filesystem=true" in error
-    assert not (tmp_path / "runs" / "multinode").exists()
+    assert not (cluster.node_dir(0) / "tmp" / "runs" / "multinode").exists()
 
 
-def test_trials_spread_over_the_nodes(cluster, tmp_path, mnist_mirror):
+def test_trials_spread_over_nodes_that_share_only_the_run_root(cluster, mnist_mirror):
+    """Download and preprocess on different nodes (each with its own cache), trials on every node, artifacts in
+    the shared run root only."""
     started = time.monotonic()
-    result = subprocess.run(
-        pipeline_command(
-            cluster.address, tmp_path / "runs", tmp_path / "cache", mnist_mirror,
-            "--set", "run.shared_filesystem=true", "--set", "train.num_samples=3", "--set", "train.epochs=2",
-        ),
-        capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
-    )
+    root = cluster.shared / "runs"
+    result = run_on_head(cluster, pipeline_args(
+        cluster.address, root, mnist_mirror,
+        "--set", "run.shared_filesystem=true", "--set", "train.num_samples=3", "--set", "train.epochs=2",
+        "--set", "ray.stage_resources={download: {downloader: 1}, preprocess: {parser: 1}}",
+    ), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(f"multi-node run: {time.monotonic() - started:.1f}s")
-    folder = tmp_path / "runs" / "multinode"
+    folder = root / "multinode"
+
+    stages = json.loads((folder / "stages.json").read_text())
+    download_node = stages["download"]["outputs"]["node"]
+    preprocess_node = stages["preprocess"]["outputs"]["node"]
+    assert download_node != preprocess_node, "the test means the hand-over between two nodes"
+    downloaded_on, parsed_on = cluster.index_of(download_node), cluster.index_of(preprocess_node)
+    assert (downloaded_on, parsed_on) == (1, 2)
+    # the downloads are in the downloading node's own cache and nowhere else: preprocess got them through Ray
+    assert [index for index in range(3) if (cluster.node_dir(index) / CACHED_FILE).is_file()] == [1]
+    assert list((cluster.node_dir(2) / "root/.cache/mnist-pipeline/datasets").iterdir()), "split cached on node 2"
+    assert sorted(p.name for p in cluster.shared.iterdir()) == ["runs"]
+
     metrics = json.loads((folder / "metrics.json").read_text())
     nodes = {node for trial in metrics["trials"] for node in trial["nodes"]}
     assert len(metrics["trials"]) == 3 and all(t["status"] == "TERMINATED" for t in metrics["trials"])
     assert len(nodes) >= 2, f"all trials ran on {nodes}"
     assert nodes <= {node["node_id"] for node in cluster.nodes()}
     assert f"on {len(nodes)} nodes" in result.stdout
+    for trial in metrics["trials"]:  # what trials on other nodes wrote reached the run root
+        trial_folder = next((folder / "tune").glob(f"*{trial['trial_id']}*"))
+        assert list(trial_folder.glob("events.out.tfevents.*")), f"no TensorBoard file from {trial['trial_id']}"
+        assert list(trial_folder.glob("checkpoint_*/model.keras"))
+    for artifact in ("pipeline.log", "report.html", "summary.json", "data/dataset.npz", "model/model.keras"):
+        assert (folder / artifact).is_file(), artifact
     import keras
 
     with np.load(folder / "data" / "dataset.npz") as dataset:
@@ -78,22 +105,58 @@ def test_trials_spread_over_the_nodes(cluster, tmp_path, mnist_mirror):
     accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))
     assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
+    # resumed with its dataset damaged and its metrics lost: preprocess runs again, downloading on node 1 and
+    # handing over through Ray once more (nothing is read from the driver's disk); training is kept
+    (folder / "data" / "dataset.npz").write_bytes(b"damaged")
+    (folder / "metrics.json").unlink()
+    resumed = run_on_head(cluster, ["python", "-m", "pipeline", "run", "--resume", str(folder),
+                                    "--address", cluster.address], timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "stage preprocess: started" in resumed.stderr and "stage train: finished earlier" in resumed.stderr
+    with np.load(folder / "data" / "dataset.npz") as dataset:
+        assert np.array_equal(dataset["test_labels"], labels)
+
+
+def test_a_trial_needs_its_resources_on_one_node(tmp_path, mnist_mirror):
+    """An 8-CPU node without a GPU and a 4-CPU node with one: 6 CPUs + 1 GPU fits neither; a stage's custom
+    resource that no node offers is refused as well."""
+    nodes = RayNodes(workers=[Node(cpus=8), Node(cpus=4, gpus=1)], head=Node(cpus=0), work=tmp_path)
+    try:
+        root = nodes.shared / "runs"
+        refused = run_on_head(nodes, pipeline_args(
+            nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
+            "--set", "train.cpus_per_trial=6", "--set", "train.gpus_per_trial=1",
+        ), timeout=300)
+        stage = run_on_head(nodes, pipeline_args(
+            nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
+            "--set", "ray.stage_resources={download: {internet: 1}}",
+        ), timeout=300)
+    finally:
+        nodes.shutdown()
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    error = refused.stderr.strip().splitlines()[-1]
+    assert "train.cpus_per_trial=6 with train.gpus_per_trial=1: no node has 6 CPU and 1 GPU together" in error
+    assert "8 CPU and 0 GPU" in error and "4 CPU and 1 GPU" in error
+    assert stage.returncode == 2 and "ray.stage_resources.download" in stage.stderr.strip().splitlines()[-1]
+    assert not (root / "multinode").exists()
+
 
 def test_a_trial_survives_the_loss_of_its_node(tmp_path, mnist_mirror):
-    """Kill a worker node (raylet and every process it started) while a trial trains there."""
+    """Kill every process of a worker node while a trial trains there, as a machine crash would."""
     started = time.monotonic()
-    nodes, process = RayNodes(workers=2), None
+    nodes, process = RayNodes(workers=2, work=tmp_path), None
     try:
-        workers = {nodes.node_id_of(port): port for port in nodes.node_manager_ports[1:]}
+        workers = {nodes.node_id_of(port): index for index, port in enumerate(nodes.node_manager_ports) if index}
+        root = nodes.shared / "runs"
         process = subprocess.Popen(
-            pipeline_command(
-                nodes.address, tmp_path / "runs", tmp_path / "cache", mnist_mirror,
+            nodes.command(*pipeline_args(
+                nodes.address, root, mnist_mirror,
                 "--set", "run.shared_filesystem=true", "--set", "train.num_samples=2", "--set", "train.epochs=6",
                 "--set", "train.max_failures=3",
-            ),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV,
+            ), cwd=REPO),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodes.env,
         )
-        tune_dir = tmp_path / "runs" / "multinode" / "tune"
+        tune_dir = root / "multinode" / "tune"
         victim, deadline = None, time.monotonic() + 300
         while victim is None and process.poll() is None and time.monotonic() < deadline:
             for result_file in tune_dir.glob("*/result.json"):
@@ -119,32 +182,42 @@ def test_a_trial_survives_the_loss_of_its_node(tmp_path, mnist_mirror):
     print(f"node loss: epochs {epochs} on nodes {[row['node_id'][:8] for row in rows]}; killed {node_id[:8]}")
     assert epochs[-1] == 6 and epochs.count(1) == 1, f"not resumed from its checkpoint: epochs {epochs}"
     assert node_id in {row["node_id"] for row in rows} and len({row["node_id"] for row in rows}) >= 2
-    metrics = json.loads((tmp_path / "runs" / "multinode" / "metrics.json").read_text())
+    metrics = json.loads((root / "multinode" / "metrics.json").read_text())
     assert all(t["status"] == "TERMINATED" for t in metrics["trials"])
 
 
-def test_ray_job_submit_runs_the_pipeline(tmp_path, mnist_mirror):
-    """Ray's Jobs path: `ray job submit --working-dir . -- python -m pipeline run ...` joins the cluster by itself."""
-    nodes = RayNodes(workers=1, dashboard=True)
+def test_ray_job_submit_with_token_auth(tmp_path, mnist_mirror):
+    """Ray's Jobs path on a cluster with token authentication: a client without the token is refused; with it,
+    `ray job submit --working-dir . -- python -m pipeline run ...` runs the pipeline, which joins the cluster by
+    itself; the token appears nowhere in what the run shows or keeps."""
+    nodes = RayNodes(workers=1, dashboard=True, auth=True, work=tmp_path)
+    root = nodes.shared / "runs"
+    address = f"http://127.0.0.1:{nodes.dashboard_port}"
+    command = pipeline_args("auto", root, mnist_mirror, "--set", "run.shared_filesystem=true",
+                            "--set", "train.num_samples=2", "--set", "train.epochs=1")
+    command.remove("--address")
+    command.remove("auto")
+    with_token = {**nodes.env, "RAY_AUTH_TOKEN": nodes.token}
     try:
-        command = pipeline_command("auto", tmp_path / "runs", tmp_path / "cache", mnist_mirror,
-                                   "--set", "run.shared_filesystem=true", "--set", "train.num_samples=2",
-                                   "--set", "train.epochs=1")
-        command = ["python", *command[1:]]
-        command.remove("--address")
-        command.remove("auto")
+        refused = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True,
+                                 cwd=REPO, env=nodes.env, timeout=120)
         for _ in range(30):  # the head's job agent takes a few seconds after `ray start` to accept jobs
             result = subprocess.run(
-                [str(Path(sys.executable).parent / "ray"), "job", "submit",
-                 "--address", f"http://127.0.0.1:{nodes.dashboard_port}", "--working-dir", ".", "--", *command],
-                capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600,
+                [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", *command],
+                capture_output=True, text=True, cwd=REPO, env=with_token, timeout=600,
             )
             if "No available agent to submit job" not in result.stdout + result.stderr:
                 break
             time.sleep(2)
     finally:
         nodes.shutdown()
+    assert refused.returncode != 0, refused.stdout[-2000:]
+    assert "token" in (refused.stdout + refused.stderr).lower()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "run multinode finished" in result.stdout
-    metrics = json.loads((tmp_path / "runs" / "multinode" / "metrics.json").read_text())
+    metrics = json.loads((root / "multinode" / "metrics.json").read_text())
     assert len(metrics["trials"]) == 2
+    assert nodes.token not in result.stdout + result.stderr
+    for path in (root / "multinode").rglob("*"):
+        if path.is_file():
+            assert nodes.token.encode() not in path.read_bytes(), f"the token is in {path}"

@@ -10,8 +10,8 @@ from stages.preprocess import load_splits, manifest, preprocess, save_splits, st
 
 
 @pytest.fixture(scope="module")
-def splits(raw_files):
-    return preprocess(raw_files, validation_size=5000, seed=0)
+def splits(raw_data):
+    return preprocess(raw_data, validation_size=5000, seed=0)
 
 
 def test_classic_sizes_and_uint8_pixels(splits):
@@ -19,10 +19,10 @@ def test_classic_sizes_and_uint8_pixels(splits):
     assert splits.train.images.dtype == np.uint8 and splits.train.images.shape[1:] == (28, 28)
 
 
-def test_split_is_deterministic_for_a_seed_and_changes_with_it(raw_files, splits):
-    again = preprocess(raw_files, validation_size=5000, seed=0)
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(raw_data, splits):
+    again = preprocess(raw_data, validation_size=5000, seed=0)
     assert np.array_equal(again.validation.images, splits.validation.images)
-    other = preprocess(raw_files, validation_size=5000, seed=1)
+    other = preprocess(raw_data, validation_size=5000, seed=1)
     assert not np.array_equal(other.validation.labels, splits.validation.labels)
 
 
@@ -41,19 +41,19 @@ def test_real_validation_set_follows_the_class_frequencies(splits):
     assert np.abs(train_share - validation_share).max() < 0.001
 
 
-def test_slices_of_mnist(raw_files):
-    small = preprocess(raw_files, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
+def test_slices_of_mnist(raw_data):
+    small = preprocess(raw_data, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
     assert (len(small.train), len(small.validation), len(small.test)) == (900, 100, 300)
 
 
-def test_a_validation_set_as_large_as_the_data_is_refused(raw_files):
+def test_a_validation_set_as_large_as_the_data_is_refused(raw_data):
     with pytest.raises(BadInputError, match="data.validation_size=1000 must be between 1 and 999"):
-        preprocess(raw_files, validation_size=1000, max_train_images=1000)
+        preprocess(raw_data, validation_size=1000, max_train_images=1000)
 
 
-def test_saved_dataset_round_trips_with_its_manifest(raw_files, tmp_path):
-    small = preprocess(raw_files, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
-    info = manifest(small, raw_files, validation_size=100, seed=0)
+def test_saved_dataset_round_trips_with_its_manifest(raw_data, tmp_path):
+    small = preprocess(raw_data, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
+    info = manifest(small, raw_data, validation_size=100, seed=0)
     save_splits(small, info, str(tmp_path))
     loaded = load_splits(tmp_path / "dataset.npz")
     for name in ("train", "validation", "test"):
@@ -66,24 +66,24 @@ def test_saved_dataset_round_trips_with_its_manifest(raw_files, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.npz", "manifest.json"]
 
 
-def test_an_identical_split_is_reused_from_the_cache_and_verified(raw_files, tmp_path, caplog):
+def test_an_identical_split_is_reused_from_the_cache_and_verified(raw_data, tmp_path, caplog):
     import logging
 
     from stages.dataset_cache import cached_preprocess
 
     settings = dict(validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
-    first, info, reused = cached_preprocess(raw_files, tmp_path, **settings)
+    first, info, reused = cached_preprocess(raw_data, tmp_path, **settings)
     assert not reused and info["fingerprint"] and info["dataset_sha256"]
     with caplog.at_level(logging.INFO):
-        second, info_again, reused = cached_preprocess(raw_files, tmp_path, **settings)
+        second, info_again, reused = cached_preprocess(raw_data, tmp_path, **settings)
     assert reused and info_again == info and "reusing the verified split" in caplog.text
     assert np.array_equal(second.validation.images, first.validation.images)
 
-    _, _, reused = cached_preprocess(raw_files, tmp_path, **{**settings, "seed": 1})
+    _, _, reused = cached_preprocess(raw_data, tmp_path, **{**settings, "seed": 1})
     assert not reused, "another seed is another split"
 
     cached = tmp_path / "datasets" / info["fingerprint"] / "dataset.npz"
     cached.write_bytes(cached.read_bytes()[:-10])  # a damaged cache entry is never trusted
-    third, _, reused = cached_preprocess(raw_files, tmp_path, **settings)
+    third, _, reused = cached_preprocess(raw_data, tmp_path, **settings)
     assert not reused and np.array_equal(third.train.labels, first.train.labels)
     assert len(list((tmp_path / "datasets").iterdir())) == 2
