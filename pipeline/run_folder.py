@@ -130,6 +130,11 @@ def run_lock(run: RunFolder) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise BadInputError(f"run {run.run_id} is in progress ({holder}); wait for it or stop it first") from None
+        except OSError as error:  # a shared filesystem without locks (some NFS mounts): run, but say so
+            log.warning("run %s: its folder cannot be locked (%s); do not resume it twice at once",
+                        run.run_id, error.strerror)
+            yield
+            return
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
