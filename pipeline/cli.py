@@ -1,19 +1,20 @@
 """mnist-pipeline's command line: parse arguments, load the config, start or join Ray, run the pipeline.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad input (arguments, config, data), 130 interrupted.
+Exit codes: 0 success, 1 runtime failure, 2 bad input (arguments, config, data), 130 interrupted (SIGINT, Ctrl-C),
+143 stopped (SIGTERM: `kill`, `docker stop`, Kubernetes, Slurm, systemd). Both signals stop a run the same way:
+Tune saves its experiment, Ray shuts down, nothing partial is left, and `run --resume` continues it.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import re
+import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.stopping import STOP
 from stages.errors import BadInputError, PipelineError
 from stages.redact import redact
 
@@ -93,17 +94,23 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
+    STOP.__init__()  # what stopped an earlier run in this process (tests) is not this one's
     try:
         return _dispatch(args)
-    except PipelineError as error:
-        if args.debug:
-            log.exception("failed")
-        print(f"mnist-pipeline: error: {redact(str(error))}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("mnist-pipeline: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # a bug or an environment problem: one line, the traceback with --debug
+    except (Exception, KeyboardInterrupt) as error:
+        if isinstance(error, KeyboardInterrupt) or STOP.signum is not None:
+            # however the stop surfaced (Ray turns a signal handler's exception into KeyboardInterrupt; a task that
+            # ended because of the stop may fail otherwise), it is the stop that ended the run
+            if args.debug:
+                log.exception("stopped")
+            print(f"mnist-pipeline: {STOP.outcome()}", file=sys.stderr)
+            return STOP.exit_code()
+        if isinstance(error, PipelineError):
+            if args.debug:
+                log.exception("failed")
+            print(f"mnist-pipeline: error: {redact(str(error))}", file=sys.stderr)
+            return error.exit_code
+        # a bug or an environment problem: one line, the traceback with --debug
         if args.debug:
             raise
         print(f"mnist-pipeline: error: {type(error).__name__}: {redact(_first_line(error))} (rerun with --debug)",
@@ -209,6 +216,7 @@ def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run(config, *, resume: bool = False) -> int:
+    from pipeline.console import console, run_log
     from pipeline.run_folder import create_run_folder, open_run_folder, remove_empty_run_folder, run_lock
     from pipeline.runner import (
         check_cluster,
@@ -218,142 +226,57 @@ def _run(config, *, resume: bool = False) -> int:
         ray_session,
         run_pipeline,
     )
+    from pipeline.stopping import remove_partial_files, stop_tune
     from stages import storage
 
-    if config.ray.address is None and config.ray.num_cpus is not None:
-        if config.train.cpus_per_trial > config.ray.num_cpus:
-            raise BadInputError(
-                f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds ray.num_cpus={config.ray.num_cpus}"
-            )
-    open_or_create = open_run_folder if resume else create_run_folder
-    run = open_or_create(config.run.root, config.run.id)
-    if resume:
-        check_resume(config, run)
-    with run_lock(run), ray_session(config) as dashboard:
-        try:
+    handlers = STOP.start()  # SIGTERM ends the run like Ctrl-C, from the start
+    run = None
+    try:
+        if config.ray.address is None and config.ray.num_cpus is not None:
+            if config.train.cpus_per_trial > config.ray.num_cpus:
+                raise BadInputError(
+                    f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds "
+                    f"ray.num_cpus={config.ray.num_cpus}"
+                )
+        open_or_create = open_run_folder if resume else create_run_folder
+        run = open_or_create(config.run.root, config.run.id)
+        STOP.run = run.location
+        if resume:
+            check_resume(config, run)
+        with run_lock(run), console() as tees, ray_session(config) as dashboard:
+            STOP.install()  # again: ray.init put Ray's own in place (for SIGTERM a native stack dump and exit 1)
             check_cluster(config)
-        except BadInputError:
-            if not resume:
-                remove_empty_run_folder(run)  # a refused run leaves nothing behind
+            storage.write_bytes(run.config_file, config.to_yaml().encode())
+            with run_log(run, tees):
+                started = "resumed" if resume else "started"
+                log.info("run %s: %s; artifacts in %s", run.run_id, started, redact(run.location))
+                if dashboard:
+                    log.info("Ray dashboard: %s", dashboard)
+                try:
+                    summary = run_pipeline(config, run, resume=resume)
+                except BaseException:
+                    if STOP.signum is not None:
+                        stop_tune(run)
+                    raise
+                print(format_summary(summary))
+                check_quality_gate(config, summary)
+    except SystemExit as error:
+        if error.code != signal.SIGTERM or STOP.signum is not None:
             raise
-        storage.write_bytes(run.config_file, config.to_yaml().encode())
-        with _run_log(run):
-            started = "resumed" if resume else "started"
-            log.info("run %s: %s; artifacts in %s", run.run_id, started, redact(run.location))
-            if dashboard:
-                log.info("Ray dashboard: %s", dashboard)
-            summary = run_pipeline(config, run, resume=resume)
-            print(format_summary(summary))
-            check_quality_gate(config, summary)
+        STOP.signum = signal.SIGTERM  # from ray.init's own handler, in place while Ray starts (its atexit stops it)
+        raise KeyboardInterrupt from None
+    finally:
+        if STOP.signum is not None and run is not None:  # Ray is down: what a killed writer left is nobody's
+            remove_partial_files(run, config)
+        if run is not None and not resume and not storage.exists(run.config_file):
+            # refused or stopped before it began (no Ray, a cluster that refuses it): nothing to keep or resume
+            STOP.run = None
+            try:
+                remove_empty_run_folder(run)
+            except OSError:
+                pass
+        STOP.restore(handlers)
     return 0
-
-
-@contextmanager
-def _run_log(run):
-    """Keeps the run's full log in its folder: the driver's log records (with timestamps) and everything Ray shows
-    from the tasks and trials (their logs, Tune's trial table). A remote run's log is uploaded at the end, after
-    the log an earlier attempt of the run left there."""
-    from stages import storage
-
-    with storage.local_folder_for(run.location) as folder:
-        log_file = folder / storage.name_of(run.log_file)
-        if storage.is_uri(run.location) and storage.exists(run.log_file):
-            log_file.write_bytes(storage.read_bytes(run.log_file))
-        sink = _LogSink(log_file, sys.stderr)
-        handler = logging.StreamHandler(sink)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        stdout, stderr = sys.stdout, sys.stderr
-        # Ray prints what tasks and trials write through sys.stdout/sys.stderr as it finds them
-        sys.stdout, sys.stderr = _Tee(stdout, sink), _Tee(stderr, sink)
-        try:
-            yield
-        except BaseException as error:  # the console gets its one line from main(); the log keeps it too
-            reason = redact(str(error)) if isinstance(error, PipelineError) else type(error).__name__
-            sink.write(f"run stopped: {reason or type(error).__name__}\n")
-            raise
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-            logging.getLogger().removeHandler(handler)
-            sink.close()
-
-
-class _LogSink:
-    """The run's log file. A full or failing disk ends the log, said once on the console, never the run."""
-
-    def __init__(self, path, console):
-        self._console = console
-        try:
-            self._file = open(path, "a", encoding="utf-8")
-        except OSError as error:
-            self._fail(error)
-
-    def write(self, text: str) -> None:
-        self._guard(lambda: self._file.write(text))
-
-    def flush(self) -> None:
-        self._guard(lambda: self._file.flush())
-
-    def close(self) -> None:
-        self._guard(lambda: self._file.close())
-        self._file = None
-
-    def _guard(self, action) -> None:
-        if self._file is None:
-            return
-        try:
-            action()
-        except OSError as error:
-            self._fail(error)
-
-    def _fail(self, error: OSError) -> None:
-        self._file = None
-        self._console.write(f"mnist-pipeline: warning: pipeline.log is not written any more: {error.strerror}\n")
-
-
-class _Tee(io.TextIOBase):
-    """A console stream that also appends what it shows, without colour codes, to the run's log.
-
-    TensorFlow's start-up chatter from each task and trial process (info lines its C++ logging prints before any
-    setting can stop it) goes to the log only, so that the console shows the run rather than a wall of logs.
-    """
-
-    _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-    _TF_CHATTER = re.compile(
-        r"\) (I\d{4} \d\d:\d\d:[\d.]+ +\d+ \w+\.cc:\d+\]"  # absl info lines of a worker
-        r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
-        r"|To enable the following instructions: .* rebuild TensorFlow)"
-    )
-
-    def __init__(self, console, sink):
-        self._console, self._sink = console, sink
-        self._dropped_line = False
-
-    def write(self, text: str) -> int:
-        plain = self._ANSI.sub("", text)
-        if "\r" not in text:  # progress bars redraw themselves with \r: the console's business, not the log's
-            self._sink.write(plain)
-        if self._TF_CHATTER.search(plain):
-            self._dropped_line = True  # print() writes the line's newline separately
-            return len(text)
-        if not (self._dropped_line and text == "\n"):
-            self._console.write(text)
-        self._dropped_line = False
-        return len(text)
-
-    def flush(self) -> None:
-        self._console.flush()
-        self._sink.flush()
-
-    def isatty(self) -> bool:
-        return self._console.isatty()
-
-    def fileno(self) -> int:
-        return self._console.fileno()
-
-    @property
-    def encoding(self):
-        return getattr(self._console, "encoding", "utf-8")
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

@@ -8,14 +8,14 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import Config
+from pipeline.local_ray import adopt_orphans, descendants, end_processes
 from pipeline.run_folder import RunFolder
 from pipeline.stage_records import StageInputs, StageRecords, changed_code, describe_changes, stage_inputs
 from pipeline.tasks import (
@@ -28,7 +28,6 @@ from pipeline.tasks import (
     train_task,
 )
 from stages import storage
-from stages.download import RawFiles
 from stages.errors import BadInputError, DataError, PipelineError, QualityGateError
 from stages.redact import redact
 from stages.train import EXPERIMENT_NAME
@@ -51,28 +50,64 @@ class RunSummary:
 def ray_session(config: Config) -> Iterator[str | None]:
     """Starts a local Ray for the run (no address) or joins a cluster; yields the dashboard URL, if any.
 
-    A Ray this function started is shut down afterwards; a cluster it joined is left running.
+    A Ray this function started is shut down afterwards, and its processes (workers included, which otherwise
+    notice their raylet's end in their own time) are gone when this returns; a cluster it joined is left running.
     """
     # Like ray.init(): RAY_ADDRESS (set by `ray job submit` and our `ray submit` entry point) joins that cluster
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        context = ray.init(
-            address="local",  # a Ray of our own, never one that happens to run on this machine
-            num_cpus=config.ray.num_cpus,
-            num_gpus=config.ray.num_gpus,
-            include_dashboard=config.ray.include_dashboard,
-            dashboard_host=config.ray.dashboard_host,
-            dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port),
-            logging_level=logging.WARNING,
-        )
-    else:
-        context = ray.init(address=address, logging_level=logging.WARNING)
-    try:
+        adopt_orphans()
+    try:  # ray.init too: stopped while Ray starts (SIGTERM), what it started is shut down as well
+        if address is None:
+            context = ray.init(
+                address="local",  # a Ray of our own, never one that happens to run on this machine
+                num_cpus=config.ray.num_cpus,
+                num_gpus=config.ray.num_gpus,
+                include_dashboard=config.ray.include_dashboard,
+                dashboard_host=config.ray.dashboard_host,
+                dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port),
+                logging_level=logging.WARNING,
+            )
+        else:
+            context = _join(address)
         url = context.dashboard_url
         yield f"http://{url}" if url else None
     finally:
+        local_ray = descendants() if address is None else []
         ray.shutdown()
         _close_progress_bars()
+        if address is None:  # and what the raylet's end left orphaned (adopted: see adopt_orphans)
+            end_processes(local_ray + descendants())
+
+
+def _join(address: str):
+    """ray.init(address), with the cluster's token when one is at hand (as `ray.init("auto")` does for any address),
+    and a refusal for want of the right token said as such.
+
+    Raises:
+      BadInputError: the cluster requires a token this process does not have (or has another).
+    """
+    if "RAY_AUTH_MODE" not in os.environ:
+        try:  # Ray's own rule for `address="auto"`: a token in RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token turns it on
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # a Ray without token authentication
+            pass
+    try:
+        return ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as error:
+        cause = error.__cause__ or error.__context__
+        if type(cause).__name__ != "AuthenticationError":
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        raise BadInputError(
+            f"the Ray cluster at {address} refused this client's authentication token (RAY_AUTH_MODE={mode}): "
+            "give the cluster's token in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, "
+            "with RAY_AUTH_MODE=token"
+        ) from None
 
 
 def _close_progress_bars() -> None:
@@ -103,19 +138,30 @@ def _free_port_from(host: str, port: int, attempts: int = 50) -> int:
 def check_cluster(config: Config) -> None:
     """Refuses what this cluster can never do, before any stage runs.
 
-    Trials asking for more CPUs or GPUs than any node has, or could have once the autoscaler adds the node types it
-    knows, would stay pending forever; a run folder on a disk that only one node sees would break the first time a
-    trial on another node checkpoints.
+    A trial or stage task needs all its resources on one node: asking for more than any node has, or could have
+    once the autoscaler adds the node types it knows, would leave it pending forever. A run folder on a disk that
+    only one node sees would break the first time a trial on another node checkpoints.
+
+    Raises:
+      BadInputError: naming the setting that cannot be met and what the nodes offer.
     """
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     groups = _autoscaler_node_groups()
     offers = nodes + [resources for resources, _ in groups]
-    wanted = {"CPU": config.train.cpus_per_trial, "GPU": config.train.gpus_per_trial}
-    for resource, amount in wanted.items():
-        largest = max((offer.get(resource, 0) for offer in offers), default=0)
-        if amount > largest:
-            key = f"train.{resource.lower()}s_per_trial"
-            raise BadInputError(f"{key}={amount:g} but the largest node offers {largest:g} {resource}s")
+    trial = {"CPU": config.train.cpus_per_trial, "GPU": config.train.gpus_per_trial}
+    if not any(_fits(trial, offer) for offer in offers):
+        raise BadInputError(
+            f"train.cpus_per_trial={trial['CPU']:g} with train.gpus_per_trial={trial['GPU']:g}: no node "
+            f"{'has or can get' if groups else 'has'} {_describe(trial)} together (a trial runs on one node; "
+            f"the nodes offer {_describe_offers(offers, trial)})"
+        )
+    for stage, resources in config.ray.stage_resources.items():
+        demand = {"CPU": 1.0, **resources}
+        if not any(_fits(demand, offer) for offer in offers):
+            raise BadInputError(
+                f"ray.stage_resources.{stage}={dict(resources)}: no node offers {_describe(demand)} together "
+                f"(the nodes offer {_describe_offers(offers, demand)})"
+            )
     possible_nodes = max(len(nodes), sum(count if count >= 0 else 2 for _, count in groups))
     shared = config.run.shared_filesystem or storage.is_uri(config.run.root)
     if possible_nodes > 1 and not shared:
@@ -124,6 +170,23 @@ def check_cluster(config: Config) -> None:
             "nodes: use an s3:// or gs:// run.root, or a folder every node mounts at the same path (NFS) with "
             "run.shared_filesystem=true"
         )
+
+
+def _fits(demand: dict[str, float], offer: dict[str, float]) -> bool:
+    return all(amount <= offer.get(resource, 0) for resource, amount in demand.items() if amount > 0)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return " and ".join(f"{amount:g} {name}" for name, amount in resources.items() if amount > 0) or "nothing"
+
+
+def _describe_offers(offers: list[dict[str, float]], demand: dict[str, float], limit: int = 6) -> str:
+    """Each distinct node's amounts of what `demand` names, e.g. '8 CPU and 0 GPU; 4 CPU and 1 GPU'."""
+    distinct = list(dict.fromkeys(
+        " and ".join(f"{offer.get(name, 0):g} {name}" for name, amount in demand.items() if amount > 0)
+        for offer in offers
+    ))
+    return "; ".join(distinct[:limit]) + ("; ..." if len(distinct) > limit else "") if distinct else "no nodes"
 
 
 def _autoscaler_node_groups() -> list[tuple[dict[str, float], int]]:
@@ -167,20 +230,18 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
     def stage(name: str):
         return _stage(name, seconds, records, inputs[name])
 
-    def download() -> RawFiles:
-        record = record_of("download")
-        files = record.outputs.get("files", {}) if record else {}
-        if files and all(Path(file).exists() for file in files.values()):
-            skip("download")
-            return RawFiles(**{name: Path(file) for name, file in files.items()})
+    def download() -> ray.ObjectRef:
+        # Runs whenever preprocess must: what it hands over lives in Ray's object store, not on a disk that the
+        # node running preprocess (or a resumed driver) could read. A node whose cache holds the files verifies
+        # them and reads them, without downloading.
         with stage("download") as outputs:
-            raw = _get(download_task.remote(config.data, level))
-            outputs["files"] = {name: str(path) for name, path in asdict(raw).items()}
-        return raw
+            raw_ref, where_ref = with_resources(download_task, "download").remote(config.data, level)
+            outputs.update(_get(where_ref))
+        return raw_ref
 
     def preprocess() -> list[ray.ObjectRef]:
         if record_of("preprocess") is not None:
-            refs = load_splits_task.remote(run.data_dir, level)
+            refs = with_resources(load_splits_task, "preprocess").remote(run.data_dir, level)
             try:
                 _get(refs[3])
                 skip("download"), skip("preprocess")
@@ -189,9 +250,17 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
                 log.warning("stage preprocess: %s; running it again", error)
         raw = download()
         with stage("preprocess") as outputs:
-            refs = preprocess_task.remote(raw, config.data, config.run.seed, run.data_dir, level)
-            outputs["dataset_fingerprint"] = _get(refs[3])["fingerprint"]
+            refs = with_resources(preprocess_task, "preprocess").remote(
+                raw, config.data, config.run.seed, run.data_dir, level
+            )
+            manifest = _get(refs[3])
+            outputs.update(dataset_fingerprint=manifest["fingerprint"], node=manifest["node"])
         return refs
+
+    def with_resources(task, stage_name: str, **options):
+        """The stage's task with the custom resources `ray.stage_resources` gives it (and any other options)."""
+        resources = config.ray.stage_resources.get(stage_name)
+        return task.options(**options, **({"resources": dict(resources)} if resources else {}))
 
     trained = record_of("train") is not None
     evaluated = (
@@ -221,7 +290,9 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
                 outputs["best_trial_id"] = outcome.best_trial_id
         with stage("evaluate") as outputs:
             metrics = _get(
-                evaluate_task.options(num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0).remote(
+                with_resources(
+                    evaluate_task, "evaluate", num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+                ).remote(
                     outcome, test_ref, config.evaluate, run.location, dict(seconds), config.train.epochs, level
                 )
             )

@@ -42,15 +42,19 @@ def _download_bar(name: str, total_bytes: int | None):
     return tqdm_ray.tqdm(desc=name, total=total_bytes, unit="B")
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, num_returns=2)
 def download_task(data: DataSection, log_level: int):
+    """Returns the files' contents (for preprocess, which may run on another node: nodes share no disk) and where
+    they are cached on this node (for the run's records)."""
     from stages.download import download
 
     _worker_logging(log_level)
-    return download(
+    files = download(
         data.mirrors, Path(data.cache_dir).expanduser(), retries=data.retries, timeout_s=data.timeout_s,
         progress=_download_bar,
     )
+    where = {"node": ray.get_runtime_context().get_node_id(), "files": {k: str(v) for k, v in asdict(files).items()}}
+    return files.read(), where
 
 
 @ray.remote(num_cpus=1, num_returns=4)
@@ -61,7 +65,7 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
     _worker_logging(log_level)
     splits, info, _ = cached_preprocess(
         raw,
-        Path(data.cache_dir).expanduser(),
+        Path(data.cache_dir).expanduser(),  # this node's own cache
         validation_size=data.validation_size,
         seed=seed,
         max_train_images=data.max_train_images,
@@ -72,7 +76,7 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
         "dataset: %d train, %d validation, %d test images -> %s",
         len(splits.train), len(splits.validation), len(splits.test), redact(data_dir),
     )
-    return splits.train, splits.validation, splits.test, info
+    return splits.train, splits.validation, splits.test, {**info, "node": ray.get_runtime_context().get_node_id()}
 
 
 @ray.remote(num_cpus=1, num_returns=4)
@@ -89,8 +93,11 @@ def load_splits_task(data_dir: str, log_level: int):
     return splits.train, splits.validation, splits.test, info
 
 
-# The train task only drives Tune; the trials it starts reserve the CPUs and GPUs.
-@ray.remote(num_cpus=0)
+# The train task only drives Tune; the trials it starts reserve the CPUs and GPUs. Ray runs it again when its worker
+# dies (killed, out of memory): the new attempt restores the Tune experiment the dead one left in the run folder, so
+# finished trials stay finished and unfinished ones go on from their checkpoints. SIGTERM makes it end Tune's loop
+# cleanly (stages.train), which is how a stopping driver stops it.
+@ray.remote(num_cpus=0, max_retries=3)
 def train_task(
     splits: SplitRefs,
     model: Hyperparameters,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,12 +85,19 @@ def train(
       seed: seeds sampling and each trial's initialisation and shuffling.
       resume: continue the experiment found at {storage_path}/{name} with Tune's restore, if there is one:
         finished and failed trials stay as they are, unfinished ones continue from their latest checkpoints.
+        An experiment found there without `resume` is restored too: run folders are never reused, so it can only
+        be this run's, left by an earlier attempt of the same train task (Ray retries a task whose worker died).
+
+    SIGTERM (the pipeline's driver stopping, or the system stopping the process) ends Tune's loop the way Ctrl-C ends
+    it in a plain Tune script: the experiment's state is written one last time and the trials are stopped; the
+    experiment is then unfinished, continued by a resumed run.
 
     Returns:
       The best trial's checkpoint and a summary of every trial.
 
     Raises:
-      TrainingError: no trial produced a checkpoint.
+      TrainingError: no trial produced a checkpoint, or SIGTERM stopped the experiment before it finished.
+      StorageError: the storage path's disk is full.
     """
     trainable = tune.with_parameters(
         run_trial,
@@ -102,13 +112,17 @@ def train(
     snapshot_seconds = SNAPSHOT_SECONDS_REMOTE if storage.is_uri(storage_path) else SNAPSHOT_SECONDS_LOCAL
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(snapshot_seconds))  # read by Tune's controller
     experiment = storage.join(storage_path, experiment_name)
-    if resume and tune.Tuner.can_restore(experiment):
+    if tune.Tuner.can_restore(experiment):
         _check_owner(experiment)
-        log.info("train: restoring the Tune experiment in %s", experiment)
+        if resume:
+            log.info("train: restoring the Tune experiment in %s", experiment)
+        else:  # this task runs again after its worker died (Ray's retry): the experiment goes on, not anew
+            log.warning("train: restoring the Tune experiment in %s, which an earlier attempt of this train task "
+                        "left (its worker died)", experiment)
         tuner = tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
-        return summarize(_fit(tuner, storage_path), experiment_path=experiment)
+        return _summarize(_fit(tuner, storage_path), storage_path, experiment)
     tuner = tune.Tuner(
         trainable,
         param_space=settings.param_space(base),
@@ -139,22 +153,76 @@ def train(
         ),
     )
     results = _fit(tuner, storage_path)
-    return summarize(results, experiment_path=results.experiment_path)
+    return _summarize(results, storage_path, results.experiment_path)
 
 
 def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:
-    """tuner.fit(), telling a full disk apart from other failures: Tune then fails reading its own truncated files."""
+    """tuner.fit(), telling a full disk apart from other failures (Tune then fails reading its own truncated files,
+    or the trials fail writing checkpoints, whichever comes first), and an experiment SIGTERM stopped from one that
+    finished."""
+    with _sigterm_stops_tune() as stopped:
+        try:
+            results = tuner.fit()
+        except Exception as error:
+            _raise_if_disk_full(storage_path, error)
+            raise
+    if stopped.is_set():
+        raise TrainingError(
+            "SIGTERM stopped the Tune experiment before it finished; its state is saved: resume the run to go on"
+        )
+    return results
+
+
+def _summarize(results: tune.ResultGrid, storage_path: str, experiment_path: str) -> TuneOutcome:
     try:
-        return tuner.fit()
-    except Exception as error:
-        if not storage.is_uri(storage_path):
-            free = shutil.disk_usage(storage_path).free
-            if free < FULL_DISK_BYTES:
-                raise StorageError(
-                    f"the disk of {storage_path} is full ({free // 2**20} MiB free); Tune stopped with "
-                    f"{type(error).__name__}: {_one_line(error)}"
-                ) from error
+        return summarize(results, experiment_path=experiment_path)
+    except TrainingError as error:  # every trial failed: because the disk is full?
+        _raise_if_disk_full(storage_path, error)
         raise
+
+
+def _raise_if_disk_full(storage_path: str, error: BaseException) -> None:
+    if storage.is_uri(storage_path):
+        return
+    free = shutil.disk_usage(storage_path).free
+    if free < FULL_DISK_BYTES:
+        raise StorageError(
+            f"the disk of {storage_path} is full ({free // 2**20} MiB free); Tune stopped with "
+            f"{type(error).__name__}: {_one_line(error)}"
+        ) from error
+
+
+@contextmanager
+def _sigterm_stops_tune():
+    """While Tune's loop runs in this thread, SIGTERM ends it as Tune's own stop signal does (SIGUSR1, which it
+    handles like Ctrl-C: no new steps, the experiment state written once more, trials stopped). Yields an Event set
+    when SIGTERM came. Outside the main thread (no signal handlers there) it does nothing.
+
+    Before Tune's loop has set up its handler, SIGTERM interrupts like Ctrl-C (KeyboardInterrupt): there is no
+    state to save yet. The handler in place before (a Ray worker's: exit) is put back afterwards.
+    """
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    usr1_before = signal.getsignal(signal.SIGUSR1)
+
+    def stop_tune(signum, frame):
+        first = not stopped.is_set()
+        stopped.set()
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_stop) and tune_stop is not usr1_before:  # Tune's loop runs: let it end itself
+            if first:
+                log.warning("train: SIGTERM received: stopping the Tune experiment (its state is saved)")
+                tune_stop(signal.SIGUSR1, frame)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_tune)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def load_outcome(experiment_path: str) -> TuneOutcome:

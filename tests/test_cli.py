@@ -1,6 +1,7 @@
 """The command line as a user runs it: bad input gives one line, exit code 2, no traceback, no Ray, no run folder."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,102 @@ def test_a_run_whose_only_mirror_is_broken_fails_in_one_line(behaviour, reason, 
     assert not list((tmp_path / "cache").glob(".*.part*"))
     (run_folder,) = (tmp_path / "runs").iterdir()
     assert not (run_folder / "data").exists() and not (run_folder / "metrics.json").exists()
+
+
+# What Ray showed on the driver's console when a run's disk filled up while Tune checkpointed (captured from a real
+# run, frames trimmed): Tune's report of the failed trial and of its failed snapshot, each with a worker traceback,
+# a trial's line in between, and a traceback line Ray held back as a repeat.
+TRAIN, TRIAL = "\x1b[36m(train_task pid=14298)\x1b[0m ", "\x1b[36m(run_trial pid=14657)\x1b[0m "
+SITE = "/venv/lib/python3.11/site-packages"
+NO_SPACE = "OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"
+WORKER_OUTPUT = [
+    TRAIN + "Trial task failed for trial run_trial_873f8_00000",
+    TRAIN + "Traceback (most recent call last):",
+    TRAIN + f'  File "{SITE}/ray/air/execution/_internal/event_manager.py", line 110, in resolve_future',
+    TRAIN + "    result = ray.get(future)",
+    TRAIN + "             ^^^^^^^^^^^^^^^",
+    TRAIN + f'  File "{SITE}/ray/_private/worker.py", line 1053, in get_objects',
+    TRAIN + "    raise value.as_instanceof_cause()",
+    TRAIN + "ray.exceptions.RayTaskError(OSError): \x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=14657, "
+    "ip=192.0.2.2, actor_id=d9cb0fa4874ae898a9083bd201000000, repr=run_trial)",
+    TRAIN + "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    TRAIN + f'  File "{SITE}/ray/tune/trainable/trainable.py", line 329, in train',
+    TRAIN + "    raise skipped from exception_cause(skipped)",
+    TRAIN + '  File "/repo/stages/trial.py", line 133, in run_trial',
+    TRAIN + "    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))",
+    TRAIN + '  File "pyarrow/error.pxi", line 92, in pyarrow.lib.check_status',
+    TRAIN + NO_SPACE,
+    TRIAL + "Checkpoint successfully created at: Checkpoint(filesystem=local, "
+    "path=/runs/full/tune/run_trial_873f8_00000/checkpoint_000000)",
+    TRAIN + "Saving experiment state to storage at '/runs/full/tune' failed with exception: ",
+    TRAIN + "Traceback (most recent call last):",
+    TRAIN + f'  File "{SITE}/ray/tune/execution/experiment_state.py", line 174, in wait_for_sync',
+    TRAIN + "    self._storage.syncer.wait()",
+    TRAIN + "_pickle.UnpicklingError: pickle data was truncated",
+    TRAIN,
+    TRAIN + "During handling of the above exception, another exception occurred:",
+    TRAIN,
+    TRAIN + "Traceback (most recent call last):",
+    TRAIN + '  File "pyarrow/error.pxi", line 92, in pyarrow.lib.check_status',
+    TRAIN + NO_SPACE,
+    TRAIN + "Wrote the latest version of all result files and experiment state to '/runs/full/tune' in 0.0165s.",
+    TRAIN + "    raise value.as_instanceof_cause()\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by "
+    "default. Set RAY_DEDUP_LOGS=0 to disable log deduplication, or see https://docs.ray.io/en/master/"
+    "ray-observability/user-guides/configure-logging.html#log-deduplication for more options.)\x1b[0m",
+    TRIAL + "I0000 00:00:1795958399.371823   14821 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to "
+    "use available CPU instructions in performance-critical operations.",
+    TRAIN + "Trials did not complete: [run_trial_873f8_00000]",
+]
+
+
+def test_worker_tracebacks_go_to_the_log_and_their_exception_line_to_the_console():
+    """The console filter, fed with real worker output the way Ray prints it (print(): the line, then its newline):
+    the console shows every line but the tracebacks, each traceback as its last exception line; the log gets all."""
+    import io
+
+    from pipeline.console import LogSink, Tee
+
+    console = io.StringIO()
+    sink = LogSink.__new__(LogSink)  # a log that writes to memory
+    sink._console, sink._file = console, io.StringIO()
+    tee = Tee(console, sink)
+    for line in WORKER_OUTPUT:
+        print(line, file=tee)
+    tee.write("\x1b[A\rtrain-images-idx3-ubyte:  50%|█████     | 4.86M/9.72M\r")  # a progress bar, redrawn
+    tee.end_blocks()
+
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", console.getvalue()).replace("\r", "").splitlines()
+    logged = sink._file.getvalue()
+    where = " [traceback in pipeline.log]"
+    assert shown == [
+        "(train_task pid=14298) Trial task failed for trial run_trial_873f8_00000",
+        "(train_task pid=14298) " + NO_SPACE + where,
+        "(run_trial pid=14657) Checkpoint successfully created at: Checkpoint(filesystem=local, "
+        "path=/runs/full/tune/run_trial_873f8_00000/checkpoint_000000)",
+        "(train_task pid=14298) Saving experiment state to storage at '/runs/full/tune' failed with exception: ",
+        "(train_task pid=14298) " + NO_SPACE + where,
+        "(train_task pid=14298) Wrote the latest version of all result files and experiment state to "
+        "'/runs/full/tune' in 0.0165s.",
+        "(train_task pid=14298) Trials did not complete: [run_trial_873f8_00000]",
+        "train-images-idx3-ubyte:  50%|█████     | 4.86M/9.72M",
+    ]
+    # everything, without colours (and without the bar)
+    assert logged == re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", "".join(line + "\n" for line in WORKER_OUTPUT))
+    assert logged.count("Traceback (most recent call last):") == 3
+
+
+def test_a_traceback_is_over_when_its_source_says_something_else_or_the_run_ends():
+    import io
+
+    from pipeline.console import Tee
+
+    console = io.StringIO()
+    tee = Tee(console)  # no run log (yet): the console does not point to one
+    for line in ["(pid=7) Traceback (most recent call last):", '(pid=7)   File "x.py", line 1, in <module>',
+                 "(pid=7) KeyboardInterrupt", "(pid=7) Done.", "(pid=8) Traceback (most recent call last):",
+                 "(pid=8) ValueError: bad"]:
+        tee.write(line)
+        tee.write("\n")
+    assert console.getvalue().splitlines() == ["(pid=7) KeyboardInterrupt", "(pid=7) Done."]
+    tee.end_blocks()
+    assert console.getvalue().splitlines()[-1] == "(pid=8) ValueError: bad"

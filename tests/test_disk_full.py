@@ -49,7 +49,9 @@ def run_on(root, tmp_path, mnist_mirror, *sets):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
                             env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    # workers' tracebacks (a trial failing to checkpoint, Tune failing to snapshot) are kept off the console, however
+    # the failures interleave: the console filter is tested on its own with such output in test_cli.py
+    assert "Traceback" not in result.stderr and '  File "' not in result.stderr, result.stderr[-3000:]
     assert not list(root.rglob("*.part*")), "a partial file was left on the full disk"
     return result.stderr.strip().splitlines()[-1]
 
@@ -65,7 +67,8 @@ def test_disk_full_while_writing_the_dataset(tmp_path, small_disk, mnist_mirror)
 
 
 def test_disk_full_while_tune_checkpoints(tmp_path, small_disk, mnist_mirror):
-    # the split fits on 8 MiB, a checkpoint of the classic CNN (39 MB) does not
+    # the split fits on 8 MiB, a checkpoint of the classic CNN (39 MB) does not. Whichever fails first, the trial
+    # writing its checkpoint or Tune reading back its own truncated state, the run says the disk is full.
     disk = small_disk("8m")
     error = run_on(disk, tmp_path, mnist_mirror, "train.epochs=1", "train.num_samples=1", "train.max_failures=0")
     assert error.startswith(f"mnist-pipeline: error: the disk of {disk / 'full'} is full (0 MiB free); Tune stopped")

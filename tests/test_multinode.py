@@ -209,8 +209,20 @@ def test_ray_job_submit_with_token_auth(tmp_path, mnist_mirror):
             if "No available agent to submit job" not in result.stdout + result.stderr:
                 break
             time.sleep(2)
+        # `--address HOST:PORT` from the head with nothing but the token file in its home: joins (and then refuses
+        # an impossible trial, which is quick); from a home without the token: refused in one clear line
+        impossible = [*pipeline_args(nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
+                                     run_id="join"), "--set", "train.cpus_per_trial=64"]
+        no_mode = {key: value for key, value in nodes.env.items() if key != "RAY_AUTH_MODE"}
+        joined = subprocess.run(nodes.command(*impossible, cwd=REPO), capture_output=True, text=True,
+                                env={**no_mode, "HOME": "/root"}, timeout=300)
+        tokenless = subprocess.run(nodes.command(*impossible, cwd=REPO), capture_output=True, text=True,
+                                   env={**no_mode, "HOME": "/tmp"}, timeout=300)
     finally:
         nodes.shutdown()
+    assert joined.returncode == 2 and "train.cpus_per_trial=64" in joined.stderr.strip().splitlines()[-1]
+    assert tokenless.returncode == 2, tokenless.stderr[-2000:]
+    assert "refused this client's authentication token" in tokenless.stderr.strip().splitlines()[-1]
     assert refused.returncode != 0, refused.stdout[-2000:]
     assert "token" in (refused.stdout + refused.stderr).lower()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
