@@ -99,8 +99,7 @@ def _join(address: str):
     try:
         return ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as error:
-        cause = error.__cause__ or error.__context__
-        if type(cause).__name__ != "AuthenticationError":
+        if not _about_authentication(error):
             raise
         mode = os.environ.get("RAY_AUTH_MODE", "unset")
         raise BadInputError(
@@ -108,6 +107,15 @@ def _join(address: str):
             "give the cluster's token in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, "
             "with RAY_AUTH_MODE=token"
         ) from None
+
+
+def _about_authentication(error: BaseException) -> bool:
+    """Whether a failure to join came from the cluster refusing this client's token (somewhere in its causes)."""
+    while error is not None:
+        if type(error).__name__ == "AuthenticationError" or "token-auth" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _close_progress_bars() -> None:
