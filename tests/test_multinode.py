@@ -44,9 +44,11 @@ def run_on_head(cluster, args, timeout):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head and two workers of one CPU each; the workers also carry a resource that pins a stage to them."""
-    nodes = RayNodes(workers=[Node(resources={"downloader": 1}), Node(resources={"parser": 1})],
-                     work=tmp_path_factory.mktemp("cluster"))
+    """A head and two workers of one CPU each, with token authentication and the Jobs API. The workers carry a
+    resource that pins a stage to them, and the second one a GPU (one Ray is told of: there is none), so that a
+    trial asking for 2 CPUs and a GPU fits no single node although the cluster has both."""
+    nodes = RayNodes(workers=[Node(resources={"downloader": 1}), Node(gpus=1, resources={"parser": 1})],
+                     dashboard=True, auth=True, work=tmp_path_factory.mktemp("cluster"))
     yield nodes
     nodes.shutdown()
 
@@ -117,26 +119,22 @@ def test_trials_spread_over_nodes_that_share_only_the_run_root(cluster, mnist_mi
         assert np.array_equal(dataset["test_labels"], labels)
 
 
-def test_a_trial_needs_its_resources_on_one_node(tmp_path, mnist_mirror):
-    """An 8-CPU node without a GPU and a 4-CPU node with one: 6 CPUs + 1 GPU fits neither; a stage's custom
-    resource that no node offers is refused as well."""
-    nodes = RayNodes(workers=[Node(cpus=8), Node(cpus=4, gpus=1)], head=Node(cpus=0), work=tmp_path)
-    try:
-        root = nodes.shared / "runs"
-        refused = run_on_head(nodes, pipeline_args(
-            nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
-            "--set", "train.cpus_per_trial=6", "--set", "train.gpus_per_trial=1",
-        ), timeout=300)
-        stage = run_on_head(nodes, pipeline_args(
-            nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
-            "--set", "ray.stage_resources={download: {internet: 1}}",
-        ), timeout=300)
-    finally:
-        nodes.shutdown()
+def test_a_trial_needs_its_resources_on_one_node(cluster, mnist_mirror):
+    """2 CPUs + 1 GPU fits no node (the GPU node has 1 CPU), though the cluster has 3 CPUs and a GPU; a stage's
+    custom resource that no node offers is refused as well. Both before anything is written."""
+    root = cluster.shared / "refused"
+    refused = run_on_head(cluster, pipeline_args(
+        cluster.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
+        "--set", "train.cpus_per_trial=2", "--set", "train.gpus_per_trial=1",
+    ), timeout=300)
+    stage = run_on_head(cluster, pipeline_args(
+        cluster.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
+        "--set", "ray.stage_resources={download: {internet: 1}}",
+    ), timeout=300)
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     error = refused.stderr.strip().splitlines()[-1]
-    assert "train.cpus_per_trial=6 with train.gpus_per_trial=1: no node has 6 CPU and 1 GPU together" in error
-    assert "8 CPU and 0 GPU" in error and "4 CPU and 1 GPU" in error
+    assert "train.cpus_per_trial=2 with train.gpus_per_trial=1: no node has 2 CPU and 1 GPU together" in error
+    assert "1 CPU and 0 GPU" in error and "1 CPU and 1 GPU" in error
     assert stage.returncode == 2 and "ray.stage_resources.download" in stage.stderr.strip().splitlines()[-1]
     assert not (root / "multinode").exists()
 
@@ -186,40 +184,36 @@ def test_a_trial_survives_the_loss_of_its_node(tmp_path, mnist_mirror):
     assert all(t["status"] == "TERMINATED" for t in metrics["trials"])
 
 
-def test_ray_job_submit_with_token_auth(tmp_path, mnist_mirror):
+def test_ray_job_submit_with_token_auth(cluster, mnist_mirror):
     """Ray's Jobs path on a cluster with token authentication: a client without the token is refused; with it,
     `ray job submit --working-dir . -- python -m pipeline run ...` runs the pipeline, which joins the cluster by
     itself; the token appears nowhere in what the run shows or keeps."""
-    nodes = RayNodes(workers=1, dashboard=True, auth=True, work=tmp_path)
-    root = nodes.shared / "runs"
+    nodes, root = cluster, cluster.shared / "jobs"
     address = f"http://127.0.0.1:{nodes.dashboard_port}"
     command = pipeline_args("auto", root, mnist_mirror, "--set", "run.shared_filesystem=true",
                             "--set", "train.num_samples=2", "--set", "train.epochs=1")
     command.remove("--address")
     command.remove("auto")
     with_token = {**nodes.env, "RAY_AUTH_TOKEN": nodes.token}
-    try:
-        refused = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True,
-                                 cwd=REPO, env=nodes.env, timeout=120)
-        for _ in range(30):  # the head's job agent takes a few seconds after `ray start` to accept jobs
-            result = subprocess.run(
-                [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", *command],
-                capture_output=True, text=True, cwd=REPO, env=with_token, timeout=600,
-            )
-            if "No available agent to submit job" not in result.stdout + result.stderr:
-                break
-            time.sleep(2)
-        # `--address HOST:PORT` from the head with nothing but the token file in its home: joins (and then refuses
-        # an impossible trial, which is quick); from a home without the token: refused in one clear line
-        impossible = [*pipeline_args(nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
-                                     run_id="join"), "--set", "train.cpus_per_trial=64"]
-        no_mode = {key: value for key, value in nodes.env.items() if key != "RAY_AUTH_MODE"}
-        joined = subprocess.run(nodes.command(*impossible, cwd=REPO), capture_output=True, text=True,
-                                env={**no_mode, "HOME": "/root"}, timeout=300)
-        tokenless = subprocess.run(nodes.command(*impossible, cwd=REPO), capture_output=True, text=True,
-                                   env={**no_mode, "HOME": "/tmp"}, timeout=300)
-    finally:
-        nodes.shutdown()
+    refused = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True,
+                             cwd=REPO, env=nodes.env, timeout=120)
+    for _ in range(30):  # the head's job agent takes a few seconds after `ray start` to accept jobs
+        result = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", *command],
+            capture_output=True, text=True, cwd=REPO, env=with_token, timeout=600,
+        )
+        if "No available agent to submit job" not in result.stdout + result.stderr:
+            break
+        time.sleep(2)
+    # `--address HOST:PORT` from the head with nothing but the token file in its home: joins (and then refuses
+    # an impossible trial, which is quick); from a home without the token: refused in one clear line
+    impossible = [*pipeline_args(nodes.address, root, mnist_mirror, "--set", "run.shared_filesystem=true",
+                                 run_id="join"), "--set", "train.cpus_per_trial=64"]
+    no_mode = {key: value for key, value in nodes.env.items() if key != "RAY_AUTH_MODE"}
+    joined = subprocess.run(nodes.command(*impossible, cwd=REPO), capture_output=True, text=True,
+                            env={**no_mode, "HOME": "/root"}, timeout=300)
+    tokenless = subprocess.run(nodes.command(*impossible, cwd=REPO), capture_output=True, text=True,
+                               env={**no_mode, "HOME": "/tmp"}, timeout=300)
     assert joined.returncode == 2 and "train.cpus_per_trial=64" in joined.stderr.strip().splitlines()[-1]
     assert tokenless.returncode == 2, tokenless.stderr[-2000:]
     assert "refused this client's authentication token" in tokenless.stderr.strip().splitlines()[-1]
