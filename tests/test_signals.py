@@ -15,33 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
+from test_resume import pipeline_command, trial_epochs, trial_statuses
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_ADDRESS": ""}
 
 
+# test_resume's run made smaller: one trial unless a test asks for more
+SMALL_RUN = ("data.max_train_images=1500", "data.validation_size=300", "data.max_test_images=300",
+             "train.num_samples=1")
+
+
 def command(tmp_path, run_id, mirror, *sets):
-    settings = {
-        "run.root": tmp_path / "runs",
-        "data.cache_dir": tmp_path / "cache",
-        "data.mirrors": f"[{mirror}]",
-        "data.max_train_images": 1500,
-        "data.validation_size": 300,
-        "data.max_test_images": 300,
-        "train.epochs": 3,
-        "train.num_samples": 1,
-        "train.scheduler": "fifo",
-        "train.search_space": "{batch_size: {choice: [64]}}",
-        "ray.num_cpus": 2,
-        "ray.include_dashboard": "false",
-    }
-    for setting in sets:
-        key, _, value = setting.partition("=")
-        settings[key] = value
-    args = [sys.executable, "-m", "pipeline", "run", "--run-id", run_id]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    return args
+    return pipeline_command(tmp_path, run_id, *SMALL_RUN, *sets, mirror=mirror)
 
 
 def start(args, tmp_path):
@@ -79,34 +65,20 @@ def session_processes(session):
     return found
 
 
+def stop_leftovers(process):
+    """Whatever the test's outcome: the driver ended, and every process of its session with it."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    end_session(process.pid)
+
+
 def end_session(session):
     for pid, _ in session_processes(session):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def trial_epochs(folder):
-    """{trial id: [epoch of each result row]} from the trials' result.json files."""
-    epochs = {}
-    for result_file in (folder / "tune").glob("*/result.json"):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        if rows:
-            epochs[rows[0]["trial_id"]] = [row["epoch"] for row in rows]
-    return epochs
-
-
-def trial_statuses(folder):
-    """{trial id: status} from the newest experiment state Tune saved in the run folder."""
-    states = sorted((folder / "tune").glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    try:
-        state = json.loads(states[-1].read_text())
-    except ValueError:
-        return {}  # being replaced right now
-    return {json.loads(trial)["trial_id"]: json.loads(trial)["status"] for trial, _ in state["trial_data"]}
 
 
 def resume(folder):
@@ -137,10 +109,7 @@ def test_a_signal_mid_training_stops_the_run_cleanly_and_resume_finishes_it(sign
             time.sleep(0.2)
         left = session_processes(process.pid)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        end_session(process.pid)
+        stop_leftovers(process)
 
     stderr = (tmp_path / "stderr.txt").read_text()
     assert returncode == exit_code, tail(tmp_path / "stderr.txt")
@@ -197,10 +166,7 @@ def test_a_killed_train_task_is_retried_and_continues_the_experiment(tmp_path, m
         os.kill(train_worker, signal.SIGKILL)
         returncode = process.wait(timeout=600)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        end_session(process.pid)
+        stop_leftovers(process)
 
     stderr = (tmp_path / "stderr.txt").read_text()
     assert returncode == 0, tail(tmp_path / "stderr.txt")
