@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import http.server
 import os
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,17 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     /corrupt/NAME     a well-formed gzip of wrong content (checksum mismatch)
     /slow/NAME        stalls longer than the client's timeout
     /trickle/NAME     the file, slowly (64 KiB every 50 ms): a download that is still running when a test kills it
+
+    Hostile mirrors (see gzip_bomb and `HOSTILE`):
+    /bomb/NAME        a 2 MB gzip (Content-Length given) that inflates to 2 GiB of zeros
+    /endless/NAME     zeros for ever (no Content-Length: the body ends when the connection does)
+    /padded/NAME      a gzip stream for ever that inflates to nothing (empty deflate blocks), no Content-Length
+    /drip/NAME        the file's true Content-Length, then its bytes one every 0.5 s
+    /dripheaders/NAME the status line and headers one byte every 0.5 s
+    /huge/NAME        announces a Content-Length of 1 TB, then sends zeros for ever
     """
+
+    HOSTILE = ("bomb", "endless", "padded", "drip", "dripheaders", "huge")
 
     folder: Path
     requests: list[str]
@@ -62,6 +74,11 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.requests.append(self.path)
         self.authorizations.append(self.headers.get("Authorization"))
         _, behaviour, name = self.path.partition("?")[0].split("/", 2)
+        if behaviour in self.HOSTILE:
+            try:
+                return getattr(self, f"_send_{behaviour}")(self.folder / name)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the downloader gave up on us: what these behaviours are for
         source = self.folder / name
         if behaviour == "missing" or not source.is_file():
             return self.send_error(404, "Not Found")
@@ -90,6 +107,48 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def _send_bomb(self, source: Path) -> None:
+        self._send_head(len(gzip_bomb()))
+        self.wfile.write(gzip_bomb())
+
+    def _send_endless(self, source: Path) -> None:
+        self._send_head(None)
+        self._send_for_ever(bytes(65536))
+
+    def _send_padded(self, source: Path) -> None:
+        self._send_head(None)
+        self.wfile.write(_GZIP_HEADER)
+        self._send_for_ever(_EMPTY_STORED_BLOCK * 13107)
+
+    def _send_drip(self, source: Path) -> None:
+        body = source.read_bytes()
+        self._send_head(len(body))
+        self._drip(body)
+
+    def _send_dripheaders(self, source: Path) -> None:
+        self._drip(f"HTTP/1.0 200 OK\r\nContent-Length: {source.stat().st_size}\r\n\r\n".encode())
+
+    def _send_huge(self, source: Path) -> None:
+        self._send_head(10**12)
+        self._send_for_ever(bytes(65536))
+
+    def _send_head(self, length: int | None) -> None:
+        self.send_response(200)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _send_for_ever(self, block: bytes) -> None:
+        """`block` again and again until the client hangs up (or 8 GiB, so that a lost client frees the thread)."""
+        for _ in range((8 << 30) // len(block)):
+            self.wfile.write(block)
+
+    def _drip(self, data: bytes) -> None:
+        """One byte every 0.5 s: each arrives well within any read timeout, the whole never does (2 min at most)."""
+        for i in range(min(len(data), 240)):
+            self.wfile.write(data[i : i + 1])
+            time.sleep(0.5)
+
 
 @pytest.fixture(scope="session")
 def mirror_server(mnist_mirror):
@@ -115,3 +174,29 @@ def http_mirror(mirror_server):
     mirror_server.requests = mirror_server.handler.requests
     mirror_server.authorizations = mirror_server.handler.authorizations
     return mirror_server
+
+
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # gzip, deflate, no name, no time
+_EMPTY_STORED_BLOCK = b"\x00\x00\x00\xff\xff"  # a non-final deflate block holding nothing (what a sync flush writes)
+_bomb: list[bytes] = []
+_bomb_lock = threading.Lock()
+
+
+def gzip_bomb() -> bytes:
+    """A valid 2 MB gzip of 2 GiB of zeros, built in a second (once per session).
+
+    Compressing 2 GiB would take 10 s, so 16 MiB of zeros are deflated once, ending in a full flush (byte-aligned,
+    no reference back into earlier data), and that piece is repeated 128 times; CRC and length make it valid gzip.
+    """
+    with _bomb_lock:
+        if not _bomb:
+            zeros, copies = bytes(16 << 20), 128
+            piece = zlib.compressobj(9, zlib.DEFLATED, -15)
+            segment = piece.compress(zeros) + piece.flush(zlib.Z_FULL_FLUSH)
+            crc = 0
+            for _ in range(copies):
+                crc = zlib.crc32(zeros, crc)
+            final_empty_block = zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+            trailer = struct.pack("<II", crc, (copies * len(zeros)) & 0xFFFFFFFF)
+            _bomb.append(_GZIP_HEADER + segment * copies + final_empty_block + trailer)
+        return _bomb[0]
