@@ -343,6 +343,22 @@ class _WatchedHTTPSHandler(_WatchedConnections, urllib.request.HTTPSHandler):
         self.deadline = deadline
 
 
+class _CredentialsStayHome(urllib.request.HTTPRedirectHandler):
+    """Follows a mirror's redirects (at most urllib's 10), sending the mirror's user and password only to the
+    mirror's own origin: urllib would forward them to wherever a redirect points, another host or plain http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
 class _open_from_mirror:
     """Context manager yielding (binary stream, size or None, description) for `name` on `mirror`."""
 
@@ -361,7 +377,9 @@ class _open_from_mirror:
 
     def _open_url(self) -> tuple[_Source, int | None, str]:
         url, request = _request_for(self.mirror, self.name + ".gz")
-        opener = urllib.request.build_opener(_WatchedHTTPHandler(self.deadline), _WatchedHTTPSHandler(self.deadline))
+        opener = urllib.request.build_opener(
+            _WatchedHTTPHandler(self.deadline), _WatchedHTTPSHandler(self.deadline), _CredentialsStayHome()
+        )
         try:
             response = opener.open(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as error:

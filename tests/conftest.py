@@ -58,6 +58,8 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
     /drip/NAME        the file's true Content-Length, then its bytes one every 0.5 s
     /dripheaders/NAME the status line and headers one byte every 0.5 s
     /huge/NAME        announces a Content-Length of 1 TB, then sends zeros for ever
+    /redirect-away/NAME   302 to /ok/NAME on another origin (localhost instead of 127.0.0.1)
+    /redirect-home/NAME   302 to /ok/NAME on this origin
     """
 
     HOSTILE = ("bomb", "endless", "padded", "drip", "dripheaders", "huge")
@@ -79,6 +81,12 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
                 return getattr(self, f"_send_{behaviour}")(self.folder / name)
             except (BrokenPipeError, ConnectionResetError):
                 return  # the downloader gave up on us: what these behaviours are for
+        if behaviour in ("redirect-away", "redirect-home"):  # to the same files on another origin, or this one
+            host = "localhost" if behaviour == "redirect-away" else "127.0.0.1"
+            self.send_response(302)
+            self.send_header("Location", f"http://{host}:{self.server.server_address[1]}/ok/{name}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         source = self.folder / name
         if behaviour == "missing" or not source.is_file():
             return self.send_error(404, "Not Found")

@@ -39,6 +39,15 @@ def test_a_mirror_with_credentials_gets_them_as_basic_auth_and_a_query_kept(http
     assert http_mirror.authorizations[0] == "Basic " + base64.b64encode(b"reader:s3cret").decode()
 
 
+@pytest.mark.parametrize("redirect, kept", [("redirect-home", True), ("redirect-away", False)])
+def test_credentials_follow_a_redirect_only_to_the_mirrors_own_origin(redirect, kept, http_mirror, tmp_path):
+    host = http_mirror.base_url.removeprefix("http://")
+    download([f"http://reader:s3cret@{host}/{redirect}/"], tmp_path, retries=0, timeout_s=5)
+    basic = "Basic " + base64.b64encode(b"reader:s3cret").decode()
+    assert http_mirror.requests[:2] == [f"/{redirect}/train-images-idx3-ubyte.gz", "/ok/train-images-idx3-ubyte.gz"]
+    assert http_mirror.authorizations[:2] == [basic, basic if kept else None]
+
+
 def test_secrets_stay_out_of_errors_logs_and_the_run_folder(http_mirror, tmp_path):
     host = http_mirror.base_url.removeprefix("http://")
     mirror = f"http://reader:hunter2@{host}/missing/?token=abc123"
