@@ -64,11 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict", help="classify images of digits with a run's model",
-        description="Classify PNG/JPEG images of single digits (any size, colour or grey, dark ink on paper or light "
+        description="Classify images of single digits (PNG, JPEG, GIF, TIFF, BMP, WebP or PNM; any size up to 64 "
+        "megapixels, colour or grey, 8 or 16 bits, transparent or not, dark ink on paper or light "
         "on dark) with a run's exported model; prints each image's digit and probability.",
     )
     predict.add_argument("model", metavar="RUN_OR_MODEL", help="run id (under run.root), run folder, or model.keras")
-    predict.add_argument("images", metavar="IMAGE", nargs="+", type=str, help="PNG or JPEG files")
+    predict.add_argument(
+        "images", metavar="IMAGE", nargs="+", type=str,
+        help="image files; a bad one is reported on its own line (exit 2), the others are still classified",
+    )
     predict.add_argument("--top", type=int, default=1, metavar="K", help="also show the next K-1 likeliest digits")
     add_config_arguments(predict)
 
@@ -149,13 +153,15 @@ def _predict(args: argparse.Namespace, root: str) -> int:
 
     if args.top < 1 or args.top > 10:
         raise BadInputError(f"--top {args.top}: give a number from 1 to 10")
+    if hasattr(sys.stdout, "reconfigure"):  # a name the terminal's encoding cannot show is escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     model = find_model(args.model, root)
-    digits, failed = {}, 0
+    digits, failed = [], 0
     for image in args.images:  # every image is read before the model loads: a typo is reported at once
         try:
-            digits[image] = load_digit(image)
-        except BadInputError as error:
-            print(f"mnist-pipeline: error: {error}", file=sys.stderr)
+            digits.append((image, load_digit(image)))
+        except BadInputError as error:  # one bad image is one line; the others are still classified
+            print(f"mnist-pipeline: error: {error}", file=sys.stderr, flush=True)
             failed += 1
     if digits:
         for prediction in predict(model, digits):
@@ -192,7 +198,7 @@ def _dashboard(args: argparse.Namespace, root: str) -> int:
 
 def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
     from pipeline.config import load_config, load_run_config
-    from pipeline.run_folder import locate_run
+    from pipeline.run_folder import check_resumable, locate_run, names_a_folder
     from stages import storage
 
     if args.config is not None:
@@ -203,20 +209,26 @@ def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
         raise BadInputError("--resume RUN names the run already: leave out --run-id")
     if args.address:
         overrides.append(f"ray.address={json.dumps(args.address)}")
-    # a run id is looked up in run.root: the default, or as --set gives it
-    run = locate_run(args.resume, load_config(None, overrides).run.root)
+    # A run id is looked up in run.root (the default, or as --set gives it): only that override is applied to the
+    # defaults here. Every override is checked against the run's own config.yaml below, never against the defaults,
+    # which may differ from it in what makes a value valid (data.validation_size against data.max_train_images).
+    root = None
+    if not names_a_folder(args.resume):
+        root_overrides = [o for o in overrides if o.partition("=")[0].strip() in ("run", "run.root")]
+        root = load_config(None, root_overrides).run.root
+    run = locate_run(args.resume, root)
+    check_resumable(run)  # a run of ours, intact records, nobody else's code in its Tune state; nothing written yet
     # the folder may have moved since the run started: it is where it is now
     overrides += [
         f"run.root={json.dumps(storage.parent_of(run.location))}",
         f"run.id={json.dumps(run.run_id)}",
     ]
-    if not storage.exists(run.config_file):
-        raise BadInputError(f"no run to resume at {redact(run.location)} (no config.yaml there)")
     return _run(load_run_config(run.config_file, overrides), resume=True)
 
 
 def _run(config, *, resume: bool = False) -> int:
     from pipeline.console import console, run_log
+    from pipeline.ray_startup import check_reachable, ray_target
     from pipeline.run_folder import create_run_folder, open_run_folder, remove_empty_run_folder, run_lock
     from pipeline.runner import (
         check_cluster,
@@ -238,6 +250,8 @@ def _run(config, *, resume: bool = False) -> int:
                     f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds "
                     f"ray.num_cpus={config.ray.num_cpus}"
                 )
+        # before the run folder exists: a cluster nobody can reach leaves nothing behind, within seconds
+        check_reachable(ray_target(config.ray.address))
         open_or_create = open_run_folder if resume else create_run_folder
         run = open_or_create(config.run.root, config.run.id)
         STOP.run = run.location

@@ -62,6 +62,8 @@ def run_log(run, tees):
             else:
                 reason = type(error).__name__
             sink.write(f"run stopped: {reason or type(error).__name__}\n")
+            if isinstance(error.__cause__, ray_error_types()):  # a task's failure: its worker's traceback
+                sink.write(Tee._ANSI.sub("", str(error.__cause__)).rstrip("\n") + "\n")
             raise
         finally:
             for tee in tees:
@@ -69,6 +71,12 @@ def run_log(run, tees):
                 tee.sink = None
             logging.getLogger().removeHandler(handler)
             sink.close()
+
+
+def ray_error_types() -> tuple[type, ...]:
+    import ray
+
+    return (ray.exceptions.RayError,)
 
 
 class LogSink:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -16,8 +15,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import Config
 from pipeline.local_ray import adopt_orphans, descendants, end_processes
-from pipeline.run_folder import RunFolder
+from pipeline.ray_startup import RayTarget, explain_start_failure, ray_target
+from pipeline.run_folder import (
+    DamagedFile,
+    RunFolder,
+    adopt_run_folder,
+    check_exported_model,
+    experiment_problem,
+    read_metrics,
+    set_aside_experiment,
+)
 from pipeline.stage_records import StageInputs, StageRecords, changed_code, describe_changes, stage_inputs
+from pipeline.task_failures import task_failure
 from pipeline.tasks import (
     SplitRefs,
     download_task,
@@ -54,22 +63,15 @@ def ray_session(config: Config) -> Iterator[str | None]:
     notice their raylet's end in their own time) are gone when this returns; a cluster it joined is left running.
     """
     # Like ray.init(): RAY_ADDRESS (set by `ray job submit` and our `ray submit` entry point) joins that cluster
-    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    target = ray_target(config.ray.address)
+    address = target.address
     if address is None:
         adopt_orphans()
     try:  # ray.init too: stopped while Ray starts (SIGTERM), what it started is shut down as well
         if address is None:
-            context = ray.init(
-                address="local",  # a Ray of our own, never one that happens to run on this machine
-                num_cpus=config.ray.num_cpus,
-                num_gpus=config.ray.num_gpus,
-                include_dashboard=config.ray.include_dashboard,
-                dashboard_host=config.ray.dashboard_host,
-                dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port),
-                logging_level=logging.WARNING,
-            )
+            context = _start_local(config)
         else:
-            context = _join(address)
+            context = _join(target)
         url = context.dashboard_url
         yield f"http://{url}" if url else None
     finally:
@@ -80,13 +82,36 @@ def ray_session(config: Config) -> Iterator[str | None]:
             end_processes(local_ray + descendants())
 
 
-def _join(address: str):
+def _start_local(config: Config):
+    """ray.init of a Ray of our own; one that cannot write what it needs (an unwritable home) is said as such.
+
+    Raises:
+      BadInputError: naming the file Ray could not write and the variable that places it.
+    """
+    try:
+        return ray.init(
+            address="local",  # a Ray of our own, never one that happens to run on this machine
+            num_cpus=config.ray.num_cpus,
+            num_gpus=config.ray.num_gpus,
+            include_dashboard=config.ray.include_dashboard,
+            dashboard_host=config.ray.dashboard_host,
+            dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port),
+            logging_level=logging.WARNING,
+        )
+    except OSError as error:
+        if isinstance(error, ConnectionError):
+            raise
+        raise explain_start_failure(error) from None
+
+
+def _join(target: RayTarget):
     """ray.init(address), with the cluster's token when one is at hand (as `ray.init("auto")` does for any address),
     and a refusal for want of the right token said as such.
 
     Raises:
-      BadInputError: the cluster requires a token this process does not have (or has another).
+      BadInputError: no cluster there, or it requires a token this process does not have (or has another).
     """
+    address = target.address
     if "RAY_AUTH_MODE" not in os.environ:
         try:  # Ray's own rule for `address="auto"`: a token in RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token turns it on
             from ray._private.authentication.authentication_token_setup import (
@@ -100,7 +125,7 @@ def _join(address: str):
         return ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as error:
         if not _about_authentication(error):
-            raise
+            raise BadInputError(f"{target.source}={redact(address)}: {_first_line(error)}") from None
         mode = os.environ.get("RAY_AUTH_MODE", "unset")
         raise BadInputError(
             f"the Ray cluster at {address} refused this client's authentication token (RAY_AUTH_MODE={mode}): "
@@ -214,15 +239,20 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
     """download → preprocess → train → evaluate, each a Ray task; artifacts go to `run`.
 
     Each finished stage is recorded in the run's stages.json. With `resume`, a stage recorded as finished with the
-    inputs it has now (and whose outputs are still there) is skipped, and an interrupted Tune experiment is restored.
+    inputs it has now is skipped if its outputs are whole, and runs again if they are missing or damaged (data/,
+    metrics.json, model/model.keras, the Tune experiment); an interrupted Tune experiment is restored. A damaged
+    experiment is moved aside (tune.damaged-<time>/), never deleted, and train starts anew.
 
     Raises:
       PipelineError: a stage failed in a way worth one line.
-      BadInputError: resuming would discard training done with other inputs.
+      BadInputError: resuming would discard training done with other inputs, or a damaged experiment on an object
+        store is in the way.
     """
     level = logging.getLogger().getEffectiveLevel()
     inputs = stage_inputs(config)
     records = StageRecords.load(run.location) if resume else StageRecords(run.location)
+    if resume:
+        adopt_run_folder(run)
     seconds: dict[str, float] = {}
     skipped: list[str] = []
 
@@ -270,32 +300,66 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
         resources = config.ray.stage_resources.get(stage_name)
         return task.options(**options, **({"resources": dict(resources)} if resources else {}))
 
+    def intact_evaluation() -> dict | None:
+        """metrics.json, if it and the exported model are whole; None (said) when evaluate must run again."""
+        try:
+            metrics = read_metrics(run)
+            check_exported_model(run)
+        except DamagedFile as damage:
+            log.warning("stage evaluate: %s; running it again", damage)
+            return None
+        return metrics
+
+    def set_aside(why: str) -> None:
+        moved = set_aside_experiment(run, why)  # kept, never deleted: it may hold hours of training
+        if moved:
+            log.warning("stage train: the damaged Tune experiment is kept in %s", redact(moved))
+
+    def finished_training():
+        """The finished train stage's outcome, read back from its experiment; None when that is missing or
+        damaged: then it is set aside and train runs again."""
+        try:
+            return _get(load_outcome_task.remote(storage.join(run.location, EXPERIMENT_NAME), level))
+        except DataError as damage:
+            log.warning("stage train: its Tune experiment cannot be read back (%s); training again", damage)
+            set_aside(str(damage))
+            return None
+
+    def train(train_ref, validation_ref, test_ref):
+        if resume:
+            problem = experiment_problem(run)
+            if problem is not None:  # Tune's restore would fail on it (what this misses fails in one line too: _get)
+                log.warning("stage train: the Tune experiment cannot be restored (%s); training anew", problem)
+                set_aside(problem)
+        with stage("train") as outputs:
+            splits = SplitRefs(train=train_ref, validation=validation_ref, test=test_ref)
+            # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
+            # experiment with it (trials on that node are retried elsewhere from their checkpoints).
+            beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            outcome = _get(
+                train_task.options(scheduling_strategy=beside_driver).remote(
+                    splits, config.model, config.train, config.run.seed, run.location, resume, level
+                )
+            )
+            outputs["best_trial_id"] = outcome.best_trial_id
+        return outcome
+
     trained = record_of("train") is not None
-    evaluated = (
-        trained and record_of("evaluate") is not None
-        and storage.exists(run.metrics_file) and storage.exists(run.model_file)
-    )
-    if evaluated:
+    metrics = intact_evaluation() if trained and record_of("evaluate") is not None else None
+    if metrics is not None:
         for name in STAGES:
             skip(name)
-        metrics = json.loads(storage.read_bytes(run.metrics_file))
+        if not storage.exists(run.tune_dir) or experiment_problem(run):
+            # the run's product is whole: training again for the trials' records alone would cost far more
+            log.warning("run %s: its Tune experiment (tune/) is missing or damaged; its model and metrics are whole, "
+                        "so nothing runs again", run.run_id)
     else:
         train_ref, validation_ref, test_ref, _ = preprocess()
-        if trained:
+        outcome = finished_training() if trained else None
+        if outcome is not None:
             skip("train")
-            outcome = _get(load_outcome_task.remote(storage.join(run.location, EXPERIMENT_NAME), level))
         else:
-            with stage("train") as outputs:
-                splits = SplitRefs(train=train_ref, validation=validation_ref, test=test_ref)
-                # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
-                # experiment with it (trials on that node are retried elsewhere from their checkpoints).
-                beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-                outcome = _get(
-                    train_task.options(scheduling_strategy=beside_driver).remote(
-                        splits, config.model, config.train, config.run.seed, run.location, resume, level
-                    )
-                )
-                outputs["best_trial_id"] = outcome.best_trial_id
+            outcome = train(train_ref, validation_ref, test_ref)
         with stage("evaluate") as outputs:
             metrics = _get(
                 with_resources(
@@ -380,11 +444,16 @@ def format_summary(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+_running_stage: str | None = None  # the stage the driver waits for (named in failures that have no task)
+
+
 @contextmanager
 def _stage(name: str, seconds: dict[str, float], records: StageRecords, inputs: StageInputs) -> Iterator[dict]:
     """Times a stage and records it in stages.json: begun on entry, finished (with the outputs the block put into
     the yielded dict) when the block completes."""
+    global _running_stage
     log.info("stage %s: started", name)
+    _running_stage = name
     records.begin(name, inputs)
     started = time.perf_counter()
     outputs: dict[str, Any] = {}
@@ -394,15 +463,30 @@ def _stage(name: str, seconds: dict[str, float], records: StageRecords, inputs: 
     log.info("stage %s: done in %s", name, _duration(seconds[name]))
 
 
+# the stage each task belongs to, for naming it when it fails
+_TASK_STAGES = {
+    "download_task": "download", "preprocess_task": "preprocess", "load_splits_task": "preprocess",
+    "train_task": "train", "load_outcome_task": "train", "evaluate_task": "evaluate",
+}
+
+
 def _get(ref):
-    """ray.get, re-raising a stage's PipelineError as itself instead of wrapped in a RayTaskError."""
+    """ray.get, a failed task's error turned into the one line the driver would give (pipeline.task_failures): a
+    stage's PipelineError as itself, anything else named with its stage, never a RayTaskError's worker traceback."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as error:
-        cause = error.cause
-        if isinstance(cause, PipelineError):
-            raise cause from None
-        raise
+    except ray.exceptions.RayError as error:
+        function = getattr(error, "function_name", None) or ""
+        stage = _TASK_STAGES.get(function.rsplit(".", 1)[-1], _running_stage or "a stage")
+        failure = task_failure(stage, error)
+        if failure is error:
+            raise
+        raise failure from (None if isinstance(failure, PipelineError) and failure is error.cause else error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _clip(text: str | None, limit: int = 100) -> str:

@@ -1,23 +1,41 @@
-"""`mnist-pipeline runs`: the runs under a run root, newest last, with how far each got and how well it did."""
+"""`mnist-pipeline runs`: the runs under a run root, newest last, with how far each got and how well it did.
+
+A damaged run (a file of it unreadable, truncated or of another shape) is listed as "damaged (<file>: <what>)":
+one bad folder never hides the others, and never stops the listing.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.run_folder import RunFolder
+from pipeline.run_folder import (
+    INTEGER,
+    MAPPING,
+    NUMBER,
+    RUN_MARKER,
+    DamagedFile,
+    RunFolder,
+    check_run_config,
+    names_in,
+    read_json_object,
+    shape_problem,
+)
 from pipeline.stage_records import StageRecords
 from stages import storage
-from stages.errors import DataError
+from stages.errors import BadInputError
 
 STAGES = ("download", "preprocess", "train", "evaluate")
+_RUN_FILES = {RUN_MARKER, "config.yaml", "stages.json"}  # any of them: a run, or what is left of one
+_SUMMARY_FIELDS = {"val_accuracy": NUMBER, "test_accuracy": NUMBER, "trials": INTEGER, "stage_seconds": MAPPING}
+_MAX_WHAT = 60  # characters of a damage's description in the table
 
 
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
-    status: str  # finished, or where it stopped: "stopped in train"
+    status: str  # finished, where it stopped ("stopped in train"), or "damaged (<file>: <what>)"
     val_accuracy: float | None
     test_accuracy: float | None
     trials: int | None
@@ -25,56 +43,127 @@ class RunInfo:
 
 
 def list_runs(root: str) -> list[RunInfo]:
-    """Every folder under `root` that holds a run (a config.yaml), sorted by id (ids start with their start time)."""
+    """Every folder under `root` that holds a run, sorted by id (ids start with their start time).
+
+    Raises:
+      BadInputError: `root` itself cannot be listed.
+    """
     return [describe_run(root, run_id) for run_id in sorted(_run_ids(root))]
 
 
 def describe_run(root: str, run_id: str) -> RunInfo:
     run = RunFolder(storage.join(root, run_id))
+    if not storage.is_uri(run.location) and not os.access(run.location, os.R_OK | os.X_OK):
+        return _damaged(run_id, "folder", "permission denied")
     try:
-        summary = json.loads(storage.read_bytes(run.summary_file))
-    except (OSError, ValueError):
-        summary = None
-    try:
-        records = StageRecords.load(run.location)
-    except DataError:
-        records = StageRecords(run.location)
+        return _describe(run)
+    except DamagedFile as damage:
+        return _damaged(run_id, _relative(run, damage.location), damage.what)
+    except OSError as error:  # an object store that fails a request, a file that vanished while read
+        return _damaged(run_id, "folder", f"unreadable ({error})")
+
+
+def _describe(run: RunFolder) -> RunInfo:
+    has_config = check_run_config(run)
+    records = StageRecords.load(run.location)
     begun = [stage for stage in STAGES if records.started(stage) is not None]
-    if summary and all(records.started(stage) and records.started(stage).finished for stage in STAGES):
-        return RunInfo(run_id, "finished", summary.get("val_accuracy"), summary.get("test_accuracy"),
-                       summary.get("trials"), sum(summary.get("stage_seconds", {}).values()))
-    status = f"stopped in {begun[-1]}" if begun else "stopped before download"
-    return RunInfo(run_id, status, None, None, None, None)
+    if begun and not has_config:
+        raise DamagedFile(run.config_file, "missing")
+    if not all(records.started(stage) and records.started(stage).finished for stage in STAGES):
+        return RunInfo(run.run_id, f"stopped in {begun[-1]}" if begun else "stopped before download",
+                       None, None, None, None)
+    summary = _read_summary(run)
+    for artifact in (run.metrics_file, run.model_file):  # what a finished run is for; their insides: `run --resume`
+        if not storage.exists(artifact):
+            raise DamagedFile(artifact, "missing")
+    return RunInfo(run.run_id, "finished", summary["val_accuracy"], summary["test_accuracy"], summary["trials"],
+                   sum(summary["stage_seconds"].values()))
+
+
+def _read_summary(run: RunFolder) -> dict:
+    summary = read_json_object(run.summary_file)
+    if summary is None:
+        raise DamagedFile(run.summary_file, "missing")
+    problem = shape_problem(summary, _SUMMARY_FIELDS)
+    if problem is None and not all(NUMBER[0](seconds) for seconds in summary["stage_seconds"].values()):
+        problem = "'stage_seconds' should hold numbers"
+    if problem:
+        raise DamagedFile(run.summary_file, problem)
+    return summary
+
+
+def _damaged(run_id: str, file: str, what: str) -> RunInfo:
+    what = what if len(what) <= _MAX_WHAT else what[: _MAX_WHAT - 1] + "…"
+    return RunInfo(run_id, f"damaged ({file}: {what})", None, None, None, None)
+
+
+def _relative(run: RunFolder, location: str) -> str:
+    """`location` as a path inside the run folder ("model/model.keras"); a URI's query is left out."""
+    base, path = run.location.partition("?")[0].rstrip("/"), location.partition("?")[0]
+    return path[len(base) + 1:] if path.startswith(base + "/") else storage.name_of(location)
 
 
 def format_runs(runs: list[RunInfo], root: str) -> str:
     if not runs:
         exists = storage.exists(root) if storage.is_uri(root) else Path(root).expanduser().is_dir()
         return f"no runs in {root}" + ("" if exists else " (no such folder)")
-    header = f"{'RUN':<28} {'STATUS':<26} {'VAL ACC':>8} {'TEST ACC':>9} {'TRIALS':>6} {'TIME':>8}"
+    width = max(26, *(len(run.status) for run in runs))
+    header = f"{'RUN':<28} {'STATUS':<{width}} {'VAL ACC':>8} {'TEST ACC':>9} {'TRIALS':>6} {'TIME':>8}"
     lines = [header]
     for run in runs:
         lines.append(
-            f"{run.run_id:<28} {run.status:<26} {_percent(run.val_accuracy):>8} {_percent(run.test_accuracy):>9} "
-            f"{run.trials if run.trials is not None else '':>6} {_minutes(run.seconds):>8}"
+            f"{run.run_id:<28} {run.status:<{width}} {_percent(run.val_accuracy):>8} "
+            f"{_percent(run.test_accuracy):>9} {run.trials if run.trials is not None else '':>6} "
+            f"{_minutes(run.seconds):>8}"
         )
-    lines.append(f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {root}; resume a stopped one with "
-                 "`mnist-pipeline run --resume RUN`")
+    damaged = sum(run.status.startswith("damaged") for run in runs)
+    lines.append(f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {root}"
+                 + (f" ({damaged} damaged)" if damaged else "")
+                 + "; resume a stopped or damaged one with `mnist-pipeline run --resume RUN`")
     return "\n".join(lines)
 
 
 def _run_ids(root: str) -> list[str]:
+    """The folders under `root` that hold a run's files, or that cannot be read (listed as damaged, not hidden)."""
     if not storage.is_uri(root):
-        folder = Path(root).expanduser()
-        if not folder.is_dir():
-            return []
-        return [path.name for path in folder.iterdir() if Path(RunFolder(str(path)).config_file).is_file()]
+        return _local_run_ids(Path(root).expanduser(), root)
     import pyarrow.fs
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(root)
-    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    folders = [entry.base_name for entry in entries if entry.type == pyarrow.fs.FileType.Directory]
-    return [name for name in folders if storage.exists(RunFolder(storage.join(root, name)).config_file)]
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except OSError as error:
+        raise BadInputError(f"run.root={root!r}: cannot list it ({error})") from None
+    ids = []
+    for entry in entries:
+        if entry.type == pyarrow.fs.FileType.Directory:
+            try:
+                names = set(names_in(storage.join(root, entry.base_name)))
+            except DamagedFile:
+                names = _RUN_FILES
+            if names & _RUN_FILES:
+                ids.append(entry.base_name)
+    return ids
+
+
+def _local_run_ids(folder: Path, root: str) -> list[str]:
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as error:
+        raise BadInputError(f"run.root={root!r}: cannot list {folder}: {error.strerror}") from None
+    ids = []
+    for entry in entries:
+        try:
+            if not entry.is_dir():
+                continue
+            names = set(os.listdir(entry.path))
+        except OSError:
+            names = _RUN_FILES  # unreadable: maybe a run; shown as damaged rather than left out
+        if names & _RUN_FILES:
+            ids.append(entry.name)
+    return ids
 
 
 def _percent(value: float | None) -> str:

@@ -15,10 +15,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import Config, to_plain
-from pipeline.run_folder import RunFolder
+from pipeline.run_folder import (
+    MAPPING,
+    NUMBER,
+    OPTIONAL_TEXT,
+    TEXT,
+    Check,
+    DamagedFile,
+    RunFolder,
+    read_json_object,
+    shape_problem,
+)
 from stages import storage
 from stages.code_hash import code_hash
-from stages.errors import DataError
 
 # The modules whose code decides each stage's output: editing one invalidates that stage (and those after it).
 _STAGE_CODE = {
@@ -87,6 +96,26 @@ def _dotted(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 
+_RECORD_FIELDS: dict[str, Check] = {
+    "fingerprint": TEXT,
+    "settings": MAPPING,
+    "code": TEXT,
+    "finished": OPTIONAL_TEXT,
+    "seconds": (lambda v: v is None or NUMBER[0](v), "a number or null"),
+    "outputs": MAPPING,
+}
+
+
+def _record(location: str, stage: str, record: object) -> StageRecord:
+    """One stage's record, checked field by field: a record read back is trusted to be what _write wrote."""
+    if stage not in _STAGE_CODE:
+        raise DamagedFile(location, f"unknown stage {stage!r}")
+    problem = shape_problem(record, _RECORD_FIELDS, exact=True) if isinstance(record, dict) else "not an object"
+    if problem:
+        raise DamagedFile(location, f"record {stage!r}: {problem}")
+    return StageRecord(**record)
+
+
 class StageRecords:
     """The records of one run folder, read once and rewritten (atomically) after every stage."""
 
@@ -99,16 +128,14 @@ class StageRecords:
         """The run's records; none when the run stopped before its first stage finished.
 
         Raises:
-          DataError: stages.json exists but cannot be read.
+          DamagedFile: stages.json exists but is not what this program writes (unreadable, not JSON, a record of
+            another shape): a DataError naming the file and what is wrong.
         """
         location = RunFolder(run_location).stages_file
-        if not storage.exists(location):
+        raw = read_json_object(location)
+        if raw is None:
             return cls(run_location)
-        try:
-            raw = json.loads(storage.read_bytes(location))
-            return cls(run_location, {stage: StageRecord(**record) for stage, record in raw.items()})
-        except (ValueError, TypeError) as error:
-            raise DataError(f"{location}: not a stage record file ({error})") from None
+        return cls(run_location, {stage: _record(location, stage, record) for stage, record in raw.items()})
 
     def finished(self, stage: str, inputs: StageInputs) -> StageRecord | None:
         """The stage's record if it finished with exactly these inputs."""

@@ -51,7 +51,7 @@ def download_task(data: DataSection, log_level: int):
     _worker_logging(log_level)
     files = download(
         data.mirrors, Path(data.cache_dir).expanduser(), retries=data.retries, timeout_s=data.timeout_s,
-        progress=_download_bar,
+        deadline_s=data.deadline_s, progress=_download_bar,
     )
     where = {"node": ray.get_runtime_context().get_node_id(), "files": {k: str(v) for k, v in asdict(files).items()}}
     return files.read(), where
@@ -86,7 +86,10 @@ def load_splits_task(data_dir: str, log_level: int):
     from stages.preprocess import load_verified_splits
 
     _worker_logging(log_level)
-    loaded = load_verified_splits(data_dir)
+    try:
+        loaded = load_verified_splits(data_dir)
+    except Exception as error:  # arrays that match the manifest's checksum yet not its format: both rewritten
+        raise DataError(f"{redact(data_dir)}: the dataset cannot be read ({type(error).__name__})") from None
     if loaded is None:
         raise DataError(f"{redact(data_dir)} holds no complete dataset matching its manifest")
     splits, info = loaded
@@ -123,11 +126,42 @@ def train_task(
 
 @ray.remote(num_cpus=0)
 def load_outcome_task(experiment_path: str, log_level: int):
-    """The outcome of a finished train stage, read back from its Tune experiment (a resumed run)."""
+    """The outcome of a finished train stage, read back from its Tune experiment (a resumed run).
+
+    Raises:
+      DataError: the experiment is missing or damaged (a state file cut short, a trial's results unreadable, the best
+        checkpoint gone); the runner then trains again.
+    """
+    from stages.errors import DataError, PipelineError, TrainingError
     from stages.train import load_outcome
 
     _worker_logging(log_level)
-    return load_outcome(experiment_path)
+    where = redact(experiment_path)
+    try:
+        outcome = load_outcome(experiment_path)
+    except TrainingError as error:  # no trial has a usable checkpoint now, though one had when the stage finished
+        raise DataError(f"{where}: {error}") from None
+    except PipelineError:
+        raise
+    except Exception as error:  # what Tune raises reading its files: FileNotFoundError, JSONDecodeError, ValueError
+        text = str(error).strip().splitlines()
+        raise DataError(f"{where}: {type(error).__name__}: {text[0] if text else 'unreadable'}") from None
+    unread = [trial.trial_id for trial in outcome.trials if trial.status == "TERMINATED" and not trial.epochs]
+    if unread:  # Tune skips a trial whose result.json it cannot parse: the best one might be among them
+        raise DataError(f"{where}: the results of trial {unread[0]} cannot be read (its result.json)")
+    if not _has_model(outcome.best_checkpoint):
+        raise DataError(f"{redact(outcome.best_checkpoint_location)}: the best checkpoint is gone")
+    return outcome
+
+
+def _has_model(checkpoint) -> bool:
+    """Whether the checkpoint folder (local or in an object store) still holds its model."""
+    import pyarrow.fs
+
+    from stages.evaluate import EXPORTED_MODEL
+
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{EXPORTED_MODEL}")
+    return info.type == pyarrow.fs.FileType.File
 
 
 @ray.remote(num_cpus=1)

@@ -108,7 +108,7 @@ def run_trial(
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL)
+            model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
             first_epoch = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())["epoch"]
     else:
         model = build_model(hp, decay_steps=epochs * math.ceil(len(train_data) / hp.batch_size))

@@ -1,0 +1,117 @@
+"""A Ray that cannot be reached or started, and a stage task that fails: one line naming the setting, variable or
+file, the right exit code, bounded time, no run folder left behind by a run that never began."""
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BOUND_S = 30  # Ray's own join retries a dead address for minutes; the checks answer in seconds
+
+
+def run_cli(*args, env=None, timeout=120):
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        env={**os.environ, "RAY_ADDRESS": "", **(env or {})},
+    )
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again when this returns: nothing listens there
+
+
+@pytest.fixture(scope="module")
+def web_server():
+    """An HTTP/1 server on loopback: a port that answers, but not as Ray."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def assert_refused_before_the_run(result, runs: Path, *expected: str, code: int = 2) -> None:
+    assert result.returncode == code, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("mnist-pipeline: error: "), result.stderr[-2000:]
+    assert all(text in lines[-1] for text in expected), lines[-1]
+    assert "Traceback" not in result.stderr and "\x1b[" not in lines[-1]
+    assert result.seconds < BOUND_S, f"took {result.seconds:.0f}s"
+    assert not runs.exists() or not any(runs.iterdir()), f"left {list(runs.iterdir())}"
+
+
+@pytest.mark.parametrize(
+    "address, problem, given_by",
+    [
+        ("127.0.0.1:{closed}", "connection refused", "--address"),
+        ("no-such-host.invalid:6379", "does not resolve", "RAY_ADDRESS"),
+        ("ray://127.0.0.1:{closed}", "connection refused", "RAY_ADDRESS"),
+        ("{web}", "does not speak gRPC", "--address"),
+    ],
+)
+def test_a_cluster_nobody_answers_for_is_refused_in_seconds(address, problem, given_by, web_server, tmp_path):
+    address = address.format(closed=closed_port(), web=web_server)
+    runs = tmp_path / "runs"
+    args = ["run", "--run-id", "same", "--set", f"run.root={runs}"]
+    if given_by == "--address":
+        result = run_cli(*args, "--address", address)
+    else:
+        result = run_cli(*args, env={"RAY_ADDRESS": address})
+    source = "ray.address" if given_by == "--address" else "RAY_ADDRESS"
+    assert_refused_before_the_run(result, runs, f"{source}={address}: no Ray cluster answers there", problem)
+
+
+@pytest.mark.parametrize("value", ["http://head:8265", "head:99999"])
+def test_a_malformed_ray_address_variable_is_named(value, tmp_path):
+    runs = tmp_path / "runs"
+    result = run_cli("run", "--set", f"run.root={runs}", env={"RAY_ADDRESS": value})
+    assert_refused_before_the_run(result, runs, "RAY_ADDRESS: ", "(unset it to start a local Ray)")
+
+
+def test_an_unwritable_home_is_named(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: a read-only mount of the kernel's is unwritable for all
+        home = Path("/sys/kernel")
+    else:
+        home.chmod(0o500)
+    runs = tmp_path / "runs"
+    result = run_cli(
+        "run", "--set", f"run.root={runs}", "--set", "ray.include_dashboard=false", "--set", "ray.num_cpus=1",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}", env={"HOME": str(home), "RAY_AUTH_MODE": "token"},
+    )
+    assert_refused_before_the_run(result, runs, f"HOME={home} is not writable", "cannot write")
+
+
+def test_a_failing_stage_task_is_one_line_and_its_traceback_is_in_the_log(tmp_path, mnist_mirror):
+    """The download task cannot create its cache (a folder below a file): the console's last line names the stage
+    and the path, with no RayTaskError, process ids or colour codes; the worker's traceback is in pipeline.log."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    runs = tmp_path / "runs"
+    result = run_cli(
+        "run", "--run-id", "failing", "--set", f"run.root={runs}", "--set", f"data.cache_dir={blocker / 'cache'}",
+        "--set", f"data.mirrors=[{mnist_mirror}]", "--set", "ray.include_dashboard=false", "--set", "ray.num_cpus=1",
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"mnist-pipeline: error: stage download: Not a directory: {blocker / 'cache'}", last
+    for noise in ("RayTaskError", "pid=", "\x1b[", "Traceback"):
+        assert noise not in result.stderr, noise
+    log = (runs / "failing" / "pipeline.log").read_text()
+    assert "run stopped: stage download: Not a directory" in log
+    assert "Traceback" not in log or "ray::download_task()" in log
+    assert 'in download_task' in log and "NotADirectoryError" in log
