@@ -114,7 +114,9 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
     try:
         folder.mkdir()
     except FileExistsError:
-        raise BadInputError(f"run {run_id!r} exists already in {root_path}; choose another run.id") from None
+        if not _never_began(folder):
+            raise BadInputError(f"run {run_id!r} exists already in {root_path}; choose another run.id") from None
+        log.info("run %s: reusing its folder, left by a start that was killed before the run began", run_id)
     except OSError as error:
         raise BadInputError(f"cannot create the run folder {folder}: {error.strerror}") from None
     run = RunFolder(str(folder))
@@ -124,6 +126,27 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
         folder.rmdir()
         raise
     return run
+
+
+def _never_began(folder: Path) -> bool:
+    """Whether `folder` is what a start of ours killed before its run began (kill -9 while Ray started) left: only
+    the marker and an unheld lock. Such a folder must not block its run id for ever; anything else is kept."""
+    try:
+        names = {entry.name for entry in folder.iterdir()}
+    except OSError:
+        return False
+    if not names <= {RUN_MARKER, LOCK_FILE} or RUN_MARKER not in names:
+        return False
+    if LOCK_FILE not in names:
+        return True
+    import fcntl
+
+    try:
+        with open(folder / LOCK_FILE, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+    except OSError:
+        return False  # held: that start is still going
+    return True
 
 
 def adopt_run_folder(run: RunFolder) -> None:

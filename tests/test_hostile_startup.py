@@ -115,3 +115,23 @@ def test_a_failing_stage_task_is_one_line_and_its_traceback_is_in_the_log(tmp_pa
     assert "run stopped: stage download: Not a directory" in log
     assert "Traceback" not in log or "ray::download_task()" in log
     assert 'in download_task' in log and "NotADirectoryError" in log
+
+
+def test_a_start_killed_before_its_run_began_does_not_block_its_run_id(tmp_path):
+    """kill -9 while Ray starts leaves the folder with its marker and an unheld lock: the same --run-id may start
+    again. A lock still held (that start goes on) or anything more in the folder (a run) keeps the id taken."""
+    import fcntl
+
+    from pipeline.run_folder import LOCK_FILE, create_run_folder
+    from stages.errors import BadInputError
+
+    first = create_run_folder(str(tmp_path), "again")
+    Path(first.location, LOCK_FILE).write_text("pid 1 on a host that was killed\n")
+    assert create_run_folder(str(tmp_path), "again") == first
+    with open(Path(first.location, LOCK_FILE)) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(BadInputError, match="exists already"):
+            create_run_folder(str(tmp_path), "again")
+    Path(first.config_file).write_text("run: {}\n")
+    with pytest.raises(BadInputError, match="exists already"):
+        create_run_folder(str(tmp_path), "again")
