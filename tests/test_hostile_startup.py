@@ -52,6 +52,18 @@ def assert_refused_before_the_run(result, runs: Path, *expected: str, code: int 
     assert not runs.exists() or not any(runs.iterdir()), f"left {list(runs.iterdir())}"
 
 
+def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process, for cases that end before Ray starts (which is part of what they check)."""
+    from pipeline.cli import main
+
+    started = time.monotonic()
+    code = main(list(args))
+    result = subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+    result.seconds = time.monotonic() - started
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "Ray was started"
+    return result
+
+
 @pytest.mark.parametrize(
     "address, problem, given_by",
     [
@@ -61,22 +73,34 @@ def assert_refused_before_the_run(result, runs: Path, *expected: str, code: int 
         ("{web}", "does not speak gRPC", "--address"),
     ],
 )
-def test_a_cluster_nobody_answers_for_is_refused_in_seconds(address, problem, given_by, web_server, tmp_path):
+def test_a_cluster_nobody_answers_for_is_refused_in_seconds(
+    address, problem, given_by, web_server, tmp_path, capsys, monkeypatch
+):
     address = address.format(closed=closed_port(), web=web_server)
     runs = tmp_path / "runs"
     args = ["run", "--run-id", "same", "--set", f"run.root={runs}"]
     if given_by == "--address":
-        result = run_cli(*args, "--address", address)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        result = run_in_process(capsys, *args, "--address", address)
     else:
-        result = run_cli(*args, env={"RAY_ADDRESS": address})
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        result = run_in_process(capsys, *args)
     source = "ray.address" if given_by == "--address" else "RAY_ADDRESS"
     assert_refused_before_the_run(result, runs, f"{source}={address}: no Ray cluster answers there", problem)
 
 
-@pytest.mark.parametrize("value", ["http://head:8265", "head:99999"])
-def test_a_malformed_ray_address_variable_is_named(value, tmp_path):
+def test_a_dead_address_given_on_the_command_line_ends_in_seconds(tmp_path):
+    """The same through the installed entry point, as a user runs it: exit 2 from the process itself."""
     runs = tmp_path / "runs"
-    result = run_cli("run", "--set", f"run.root={runs}", env={"RAY_ADDRESS": value})
+    result = run_cli("run", "--set", f"run.root={runs}", "--address", f"127.0.0.1:{closed_port()}")
+    assert_refused_before_the_run(result, runs, "no Ray cluster answers there", "connection refused")
+
+
+@pytest.mark.parametrize("value", ["http://head:8265", "head:99999", "a b:1"])
+def test_a_malformed_ray_address_variable_is_named(value, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("RAY_ADDRESS", value)
+    result = run_in_process(capsys, "run", "--set", f"run.root={runs}")
     assert_refused_before_the_run(result, runs, "RAY_ADDRESS: ", "(unset it to start a local Ray)")
 
 
