@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from stages.download import DEFAULT_MIRRORS
 from stages.errors import BadInputError
-from stages.hyperparameters import Hyperparameters, Real
+from stages.hyperparameters import SIZE_FIELDS, Hyperparameters, Real, parameter_count, step_bytes
 from stages.redact import redact_data
 from stages.train_settings import CLIP, TrainSettings, clip, did_you_mean
 
@@ -29,6 +29,8 @@ MAX_PATH = 1024  # characters of a folder or URI: the run's own paths go below i
 MAX_URL = 2048  # characters of a mirror: the common limit of URLs
 MAX_MIRRORS = 16  # each one is tried in turn for every file
 MAX_RESOURCES = 16  # custom Ray resources of one stage task
+MAX_PARAMETERS = 100_000_000  # of a trial's CNN: 30x the classic one; with Adam's state 1.2 GB, any node holds it
+MAX_STEP_BYTES = 64 << 30  # activations of one training step: beyond any single GPU's or ordinary node's memory
 
 _SECTION = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -245,9 +247,42 @@ class Config(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
 
+    @model_validator(mode="after")
+    def _model_fits(self) -> "Config":
+        """Refuses, now rather than when a trial starts, a model (the base one, or the largest the search space
+        can pick) whose weights or training step could not fit any machine: the per-field bounds alone allow
+        a 822-million-weight CNN."""
+        largest = _largest_model(self.model, self.train.search_space)
+        shape = (f"{largest.conv1_filters}/{largest.conv2_filters} filters of {largest.kernel_size}x"
+                 f"{largest.kernel_size}, {largest.dense_units} dense units, batch {largest.batch_size}")
+        if parameter_count(largest) > MAX_PARAMETERS:
+            raise ValueError(
+                f"model: the largest model this config trains ({shape}) has {parameter_count(largest) / 1e6:,.0f} M "
+                f"weights, more than {MAX_PARAMETERS // 10**6} M (the classic CNN has 3.3 M): lower model.dense_units "
+                "or the filters, or their train.search_space entries"
+            )
+        if step_bytes(largest) > MAX_STEP_BYTES:
+            raise ValueError(
+                f"model: a training step of the largest model this config trains ({shape}) needs about "
+                f"{step_bytes(largest) / 2**30:,.0f} GiB, more than {MAX_STEP_BYTES >> 30} GiB: lower "
+                "model.batch_size or the filters, or their train.search_space entries"
+            )
+        return self
+
     def to_yaml(self) -> str:
         """The config as YAML, credentials in URIs replaced by *** (it is printed and saved with the run)."""
         return yaml.safe_dump(redact_data(to_plain(self)), sort_keys=False)
+
+
+def _largest_model(base: Hyperparameters, search_space: dict) -> Hyperparameters:
+    """`base` with each size field at the largest value the base trial or the search space can give it."""
+    largest = {}
+    for name in SIZE_FIELDS:
+        values = [getattr(base, name)]
+        if name in search_space:
+            values += [v for v in search_space[name].extremes() if isinstance(v, (int, float))]
+        largest[name] = int(max(values))
+    return base.model_copy(update=largest)
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
@@ -338,7 +373,7 @@ def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -
         # validators that check a whole section say which key they mean: "validation_size: ..."
         named = re.match(r"([A-Za-z_]\w*): ", message)
         if named:
-            key, message = f"{key}.{named.group(1)}", message[named.end():]
+            key, message = f"{key}.{named.group(1)}" if key else named.group(1), message[named.end():]
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return key, message + more
 

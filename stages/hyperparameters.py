@@ -35,3 +35,20 @@ class Hyperparameters(BaseModel):
     )
     weight_decay: Real = Field(0.0, ge=0.0, le=1.0, description="decoupled weight decay of the optimizer (0: none)")
     batch_size: int = Field(128, ge=1, le=65536, description="images per training step")
+
+
+SIZE_FIELDS = ("conv1_filters", "conv2_filters", "kernel_size", "dense_units", "batch_size")  # what decides memory
+
+
+def parameter_count(hp: Hyperparameters) -> int:
+    """Weights of the CNN `stages.model` builds from `hp` ('same' padding: 28x28, then 14x14, then 7x7 after pools)."""
+    k2, c1, c2, d = hp.kernel_size**2, hp.conv1_filters, hp.conv2_filters, hp.dense_units
+    return (k2 * c1 + c1) + (k2 * c1 * c2 + c2) + (7 * 7 * c2 * d + d) + (d * 10 + 10)
+
+
+def step_bytes(hp: Hyperparameters) -> int:
+    """About the memory one training step takes for its activations: each layer's output per image, float32, kept
+    for the backward pass and matched by its gradient (3x covers both and the framework's temporaries)."""
+    c1, c2, d = hp.conv1_filters, hp.conv2_filters, hp.dense_units
+    per_image = 28 * 28 * c1 + 14 * 14 * c1 + 14 * 14 * c2 + 7 * 7 * c2 + d + 10
+    return hp.batch_size * per_image * 4 * 3
