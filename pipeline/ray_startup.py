@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,16 @@ def _handshakes(channel, timeout_s: float) -> bool:
 def explain_start_failure(error: OSError) -> BadInputError:
     """A local Ray that could not write what it needs: the file, and the variable that decides where it goes."""
     path = str(error.filename or "")
-    home, temp = str(Path.home()), os.environ.get("RAY_TMPDIR") or "/tmp"
-    if path and (path == home or path.startswith(home.rstrip("/") + "/")):
+    home, ray_tmpdir = str(Path.home()), os.environ.get("RAY_TMPDIR")
+
+    def under(folder: str) -> bool:
+        return bool(path) and (path == folder or path.startswith(folder.rstrip("/") + "/"))
+
+    if ray_tmpdir and under(ray_tmpdir):
+        fix = f"RAY_TMPDIR={ray_tmpdir} is not writable here: set it to a writable folder"
+    elif under(home):
         fix = f"HOME={home} is not writable here (Ray keeps its token in ~/.ray): set HOME to a writable folder"
-    elif path and path.startswith(temp.rstrip("/") + "/"):
+    elif under(tempfile.gettempdir()):
         fix = "Ray's session folder is not writable: set RAY_TMPDIR to a writable folder"
     else:
         fix = "fix the permissions or the disk"

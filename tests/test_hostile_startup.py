@@ -104,19 +104,20 @@ def test_a_malformed_ray_address_variable_is_named(value, tmp_path, capsys, monk
     assert_refused_before_the_run(result, runs, "RAY_ADDRESS: ", "(unset it to start a local Ray)")
 
 
-def test_an_unwritable_home_is_named(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
+@pytest.mark.parametrize("variable", ["HOME", "RAY_TMPDIR"])
+def test_an_unwritable_home_or_ray_folder_is_named(variable, tmp_path):
+    folder = tmp_path / "unwritable"
+    folder.mkdir()
     if os.geteuid() == 0:  # root writes through permissions: a read-only mount of the kernel's is unwritable for all
-        home = Path("/sys/kernel")
+        folder = Path("/sys/kernel")
     else:
-        home.chmod(0o500)
+        folder.chmod(0o500)
     runs = tmp_path / "runs"
     result = run_cli(
         "run", "--set", f"run.root={runs}", "--set", "ray.include_dashboard=false", "--set", "ray.num_cpus=1",
-        "--set", f"data.cache_dir={tmp_path / 'cache'}", env={"HOME": str(home), "RAY_AUTH_MODE": "token"},
+        "--set", f"data.cache_dir={tmp_path / 'cache'}", env={variable: str(folder), "RAY_AUTH_MODE": "token"},
     )
-    assert_refused_before_the_run(result, runs, f"HOME={home} is not writable", "cannot write")
+    assert_refused_before_the_run(result, runs, f"{variable}={folder} is not writable", "cannot write")
 
 
 def test_a_failing_stage_task_is_one_line_and_its_traceback_is_in_the_log(tmp_path, mnist_mirror):
