@@ -198,7 +198,8 @@ def _dashboard(args: argparse.Namespace, root: str) -> int:
 
 def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
     from pipeline.config import load_config, load_run_config
-    from pipeline.run_folder import check_resumable, locate_run, names_a_folder
+    from pipeline.resumable import check_resumable
+    from pipeline.run_folder import locate_run, names_a_folder
     from stages import storage
 
     if args.config is not None:

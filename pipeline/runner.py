@@ -16,15 +16,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.config import Config
 from pipeline.local_ray import adopt_orphans, descendants, end_processes
 from pipeline.ray_startup import RayTarget, explain_start_failure, ray_target
-from pipeline.run_folder import (
+from pipeline.run_files import (
     DamagedFile,
-    RunFolder,
-    adopt_run_folder,
     check_exported_model,
     experiment_problem,
     read_metrics,
     set_aside_experiment,
 )
+from pipeline.run_folder import RunFolder, adopt_run_folder
 from pipeline.stage_records import StageInputs, StageRecords, changed_code, describe_changes, stage_inputs
 from pipeline.task_failures import task_failure
 from pipeline.tasks import (

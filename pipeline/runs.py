@@ -10,18 +10,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.run_folder import (
+from pipeline.run_files import (
     INTEGER,
     MAPPING,
     NUMBER,
-    RUN_MARKER,
     DamagedFile,
-    RunFolder,
     check_run_config,
     names_in,
     read_json_object,
     shape_problem,
 )
+from pipeline.run_folder import RUN_MARKER, RunFolder
 from pipeline.stage_records import StageRecords
 from stages import storage
 from stages.errors import BadInputError

@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.config import Config, to_plain
-from pipeline.run_folder import (
+from pipeline.run_files import (
     MAPPING,
     NUMBER,
     OPTIONAL_TEXT,
     TEXT,
     Check,
     DamagedFile,
-    RunFolder,
     read_json_object,
     shape_problem,
 )
+from pipeline.run_folder import RunFolder
 from stages import storage
 from stages.code_hash import code_hash
 

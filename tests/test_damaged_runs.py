@@ -256,7 +256,8 @@ def test_the_experiment_is_restored_only_from_the_run_folder():
 
 
 def test_damaged_outputs_are_recognised(finished, tmp_path):
-    from pipeline.run_folder import DamagedFile, RunFolder, check_exported_model, experiment_problem, read_metrics
+    from pipeline.run_files import DamagedFile, check_exported_model, experiment_problem, read_metrics
+    from pipeline.run_folder import RunFolder
 
     run = copy_run(finished, tmp_path, "outputs")
     folder = RunFolder(str(run))
