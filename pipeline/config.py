@@ -71,6 +71,22 @@ _Line = Annotated[str, AfterValidator(_one_line)]
 _Mirror = Annotated[str, Field(max_length=MAX_URL), AfterValidator(_one_line), AfterValidator(_check_mirror)]
 
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs")  # the object stores Tune and pyarrow write to
+
+
+def _check_storage_uri(uri: str) -> None:
+    """A run root given as a URI must name an object store's bucket: anything else fails late, or writes elsewhere."""
+    scheme, _, rest = uri.partition("://")
+    if scheme == "file":
+        raise ValueError(f"{clip(uri)}: give a local run root as a path ({clip(rest)}), not a file:// URL")
+    if scheme not in STORAGE_SCHEMES:
+        raise ValueError(f"{clip(uri)}: {scheme[:20]!r} is not a storage this program writes to; give a folder, "
+                         "or an s3 or gs bucket (s3://bucket/prefix)")
+    bucket = rest.split("/", 1)[0].split("?", 1)[0]
+    if not bucket:
+        raise ValueError(f"{clip(uri)}: name a bucket, e.g. {scheme}://my-bucket/mnist-runs")
+
+
 def check_ray_address(address: str) -> None:
     """Raises ValueError saying what is wrong with a Ray address (ray.address, or RAY_ADDRESS as Ray reads it)."""
     form = _RAY_ADDRESS.fullmatch(address)
@@ -100,6 +116,8 @@ class RunSection(BaseModel):
     def _root_given(cls, value: Any) -> Any:
         if value is None:
             raise ValueError("needs a folder (YAML reads a bare ~ as null: write '~/runs')")
+        if isinstance(value, str) and "://" in value:
+            _check_storage_uri(value)
         return value
 
     @field_validator("id", mode="before")

@@ -298,6 +298,9 @@ BOUNDED = [
                                                             "characters"),
     ([f"data.cache_dir=/tmp/{'c' * 1100}"], "data.cache_dir: String should have at most 1024 characters"),
     ([f"run.root=/tmp/{'r' * 1100}"], "run.root: String should have at most 1024 characters"),
+    (["run.root=s3://"], "run.root: 's3://': name a bucket"),
+    (["run.root=ftp://host/runs"], "run.root: 'ftp://host/runs': 'ftp' is not a storage this program writes to"),
+    (["run.root=file:///srv/runs"], "give a local run root as a path ('/srv/runs'), not a file:// URL"),
     (["a.b.c.d.e.f.g.h.i=1"], "--set a.b.c.d.e.f.g.h.i: no setting is 9 levels deep"),
     # each within its own bounds, too big together: found now, not when the first trial builds its model
     (["model.dense_units=16384", "model.conv2_filters=1024"], "model: the largest model this config trains "
