@@ -104,8 +104,11 @@ def _relative(run: RunFolder, location: str) -> str:
 
 def format_runs(runs: list[RunInfo], root: str) -> str:
     if not runs:
-        exists = storage.exists(root) if storage.is_uri(root) else Path(root).expanduser().is_dir()
-        return f"no runs in {root}" + ("" if exists else " (no such folder)")
+        if storage.is_uri(root):
+            return f"no runs in {root}" + ("" if storage.exists(root) else " (nothing there)")
+        folder = Path(root).expanduser()
+        return f"no runs in {root}" + ("" if folder.is_dir() else " (a file, not a folder)" if folder.exists()
+                                       else " (no such folder)")
     width = max(26, *(len(run.status) for run in runs))
     header = f"{'RUN':<28} {'STATUS':<{width}} {'VAL ACC':>8} {'TEST ACC':>9} {'TRIALS':>6} {'TIME':>8}"
     lines = [header]
