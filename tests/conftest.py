@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_MNIST = Path(os.environ.get("MNIST_MIRROR", REPO.parent / "shared" / "mnist"))
+# resolved: test nodes with private disks see the mirror at its real place, not through a link in their /tmp
+SHARED_MNIST = Path(os.environ.get("MNIST_MIRROR", REPO.parent / "shared" / "mnist")).resolve()
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from pathlib import Path
 from private_disks import private_disk_script, software_paths
 
 RAY = str(Path(sys.executable).parent / "ray")
-MNIST = Path(os.environ.get("MNIST_MIRROR", Path(__file__).resolve().parent.parent.parent / "shared" / "mnist"))
+MNIST = Path(os.environ.get("MNIST_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "mnist")).resolve()
 
 ENV = {
     **os.environ,

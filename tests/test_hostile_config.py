@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peak_memory import MEASURED_CLI, read_peak
 
 from pipeline.config import load_config
 from stages.errors import BadInputError
@@ -42,9 +43,8 @@ def nested_aliases(levels: int, width: int) -> str:
 def run_cli_measured(*args: str, cwd: Path) -> tuple[int, str, int, float]:
     """Runs the CLI; returns its exit code, stderr, peak RSS in bytes and wall time in seconds.
 
-    The peak RSS is the child's own (os.wait4), not RUSAGE_CHILDREN: that is the largest of every child this test
-    process ever waited for (a training in another test, say). The child's address space is capped at 1 GiB, so
-    that a regression fails at once rather than taking the machine's memory.
+    The peak RSS is the child's own (tests/peak_memory.py says why rusage would not do). The child's address space
+    is capped at 1 GiB, so that a regression fails at once rather than taking the machine's memory.
     """
     def cap_memory() -> None:
         try:
@@ -53,22 +53,23 @@ def run_cli_measured(*args: str, cwd: Path) -> tuple[int, str, int, float]:
             pass  # not enforceable here (macOS): the peak is still measured
 
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # this tree's code, wherever it is
+    peak_file = cwd / "peak-rss"
     started = time.monotonic()
     child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, preexec_fn=cap_memory, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": path},
+        [sys.executable, "-c", MEASURED_CLI, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, preexec_fn=cap_memory,
+        env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": path, "PEAK_RSS_FILE": str(peak_file)},
     )
     watchdog = threading.Timer(60, child.kill)
     watchdog.start()
     try:
         stderr = child.stderr.read()
-        _, status, usage = os.wait4(child.pid, 0)
+        _, status, _ = os.wait4(child.pid, 0)
     finally:
         watchdog.cancel()
         child.stderr.close()
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return child.returncode, stderr, peak, time.monotonic() - started
+    return child.returncode, stderr, read_peak(peak_file), time.monotonic() - started
 
 
 def test_a_billion_laughs_is_refused_at_once_in_bounded_memory(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, gzip_bomb
+from peak_memory import OWN_PEAK
 
 from stages.download import CANONICAL_FILES
 
@@ -23,7 +24,7 @@ FAST = {"retries": 2, "backoff_s": 0.01, "timeout_s": 1.0, "deadline_s": 3.0}  #
 MAX_RSS_MB = 600  # a Python process with numpy is ~100 MB; unbounded, the bomb alone would take 1 GB a chunk
 TRAIN_IMAGES = CANONICAL_FILES["train-images-idx3-ubyte"][1]  # 47,040,016 bytes: the largest bound
 
-CHILD = r"""
+CHILD = OWN_PEAK + r"""
 import json, logging, resource, sys, time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ except DownloadError as failure:
     error = str(failure)
 print(json.dumps({
     "error": error, "seconds": time.monotonic() - start, "bars": bars,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": own_peak_rss_bytes() / 2**20,
 }))
 """
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peak_memory import MEASURED_CLI, read_peak
 from PIL import Image
 
 from pipeline.predict import load_digit, to_mnist
@@ -285,22 +286,9 @@ def test_a_model_of_another_shape_is_named(tmp_path, trained_model):
     assert predict(str(trained_model[0]), digits)[0].image == "digit.png"
 
 
-# `python -m pipeline ARGS`, writing its peak RSS (VmHWM: this process's own, counted from its exec) to a file at exit.
-# The rusage of a child would not do: a child forked from a test process that holds TensorFlow inherits its peak.
-MEASURED_CLI = """
-import os, runpy
-try:
-    runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
-finally:
-    with open("/proc/self/status") as status, open(os.environ["PEAK_RSS_FILE"], "w") as out:
-        out.write(next(line for line in status if line.startswith("VmHWM:")))
-"""
-
-
 def run_measured(args: list[str], folder: Path, *, timeout: float) -> tuple[subprocess.CompletedProcess, int]:
     """Runs `mnist-pipeline ARGS`; returns the result and the command's peak RSS in bytes."""
     peak_file = folder / "peak-rss"
     result = subprocess.run([sys.executable, "-c", MEASURED_CLI, *args], capture_output=True, text=True, cwd=REPO,
                             timeout=timeout, env={**os.environ, "PEAK_RSS_FILE": str(peak_file)})
-    kilobytes = int(peak_file.read_text().split()[1])
-    return result, kilobytes * 1024
+    return result, read_peak(peak_file)
