@@ -36,7 +36,7 @@ from pipeline.tasks import (
     train_task,
 )
 from stages import storage
-from stages.errors import BadInputError, DataError, PipelineError, QualityGateError
+from stages.errors import BadInputError, DataError, QualityGateError
 from stages.redact import redact
 from stages.train import EXPERIMENT_NAME
 
@@ -480,7 +480,7 @@ def _get(ref):
         failure = task_failure(stage, error)
         if failure is error:
             raise
-        raise failure from (None if isinstance(failure, PipelineError) and failure is error.cause else error)
+        raise failure from (None if failure is getattr(error, "cause", None) else error)
 
 
 def _first_line(error: BaseException) -> str:
