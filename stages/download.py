@@ -18,6 +18,7 @@ import http.client
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -387,6 +388,9 @@ class _open_from_mirror:
             raise failure(f"HTTP {error.code} {error.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             self.deadline.check(None)  # the watchdog cut a response that never came
+            untrusted = getattr(error, "reason", error)
+            if isinstance(untrusted, ssl.SSLCertVerificationError):  # retrying will not make it trusted
+                raise _Permanent(f"its TLS certificate is not trusted ({untrusted.verify_message})") from None
             raise _Transient(_describe(error)) from None
         except (ValueError, http.client.InvalidURL) as error:
             raise _Permanent(f"invalid URL: {error}") from None

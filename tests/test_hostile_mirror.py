@@ -187,3 +187,41 @@ def test_only_hostile_mirrors_fail_in_one_line_and_leave_nothing(http_mirror, bo
     assert "attempts" not in message, "a hostile mirror was retried"
     assert os.listdir(cache) == []
     assert child.seconds < 6
+
+
+def test_a_mirror_whose_certificate_is_not_trusted_is_not_retried(tmp_path, mnist_mirror):
+    """A self-signed https mirror on loopback: refused once (retrying will not make it trusted), the next one used."""
+    import http.server
+    import shutil
+    import ssl
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mirror = f"https://127.0.0.1:{server.server_address[1]}/mnist/"
+        child = _download_in_child([mirror, str(mnist_mirror)], tmp_path / "cache")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert child.error is None, child
+    assert child.log.count("its TLS certificate is not trusted") == 4, child.log  # once per file: no retries
+    assert "retrying" not in child.log and requests == []
