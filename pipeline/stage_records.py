@@ -31,7 +31,7 @@ from stages.code_hash import code_hash
 
 # The modules whose code decides each stage's output: editing one invalidates that stage (and those after it).
 _STAGE_CODE = {
-    "download": ("stages.download", "stages.atomic"),
+    "download": ("stages.download", "stages.mirror_attempt", "stages.atomic"),
     "preprocess": ("stages.preprocess", "stages.idx", "stages.dataset_cache"),
     "train": ("stages.train", "stages.trial", "stages.model", "stages.hyperparameters", "stages.train_settings"),
     "evaluate": ("stages.evaluate",),

@@ -96,7 +96,7 @@ def test_leftovers_of_a_killed_download_are_swept_and_live_ones_kept(mnist_mirro
         "import sys, time; from pathlib import Path; import stages.download as d\n"
         "def slow(*a):\n"
         "    a[1].write(b'partial'); a[1].flush(); print('writing', flush=True); time.sleep(60)\n"
-        "d._copy_decompressing = slow\n"
+        "d.copy_decompressing = slow\n"
         f"d.download([{str(mnist_mirror)!r}], Path({str(tmp_path)!r}))\n"
     )
     writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
