@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
@@ -197,7 +197,7 @@ def _dashboard(args: argparse.Namespace, root: str) -> int:
 
 
 def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
-    from pipeline.config import load_config, load_run_config
+    from pipeline.config_loading import load_config, load_run_config
     from pipeline.resumable import check_resumable
     from pipeline.run_folder import locate_run, names_a_folder
     from stages import storage

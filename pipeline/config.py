@@ -1,30 +1,26 @@
-"""The config: one YAML file plus `--set key=value` overrides become one typed, validated, frozen object.
+"""The config's schema: its sections, their keys, defaults and bounds, as one typed, validated, frozen object.
 
-Every problem is reported before Ray starts, as one line naming the dotted key.
+Each stage receives only its own section. Every value is checked here, before Ray starts; reading a file and
+`--set` overrides into a Config is pipeline.config_loading's job, and reading their YAML is pipeline.bounded_yaml's.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.messages import shorten
 from stages.download import DEFAULT_MIRRORS
 from stages.errors import BadInputError
 from stages.hyperparameters import SIZE_FIELDS, Hyperparameters, Real, parameter_count, step_bytes
 from stages.redact import redact_data
-from stages.train_settings import CLIP, TrainSettings, clip, did_you_mean
+from stages.train_settings import TrainSettings, clip
 
 # A config is a few kB that people write: these bounds are far above any real one, and far below what hurts.
-MAX_CONFIG_BYTES = 1 << 20  # read at most this much of a file: a huge file (or /dev/zero) is a mistake
-MAX_YAML_VALUES = 10_000  # keys and values of one YAML document, an alias counting all its anchor holds
-MAX_YAML_DEPTH = 32  # nesting of one YAML document (the deepest setting is 4 levels down); bounds recursion
-MAX_KEY_PARTS = 8  # of an override's dotted key
-MAX_MESSAGE = 400  # characters of one error message, whatever went into it
 MAX_PATH = 1024  # characters of a folder or URI: the run's own paths go below it, within PATH_MAX (4096)
 MAX_URL = 2048  # characters of a mirror: the common limit of URLs
 MAX_MIRRORS = 16  # each one is tried in turn for every file
@@ -47,23 +43,13 @@ def _one_line(text: str) -> str:
     return text
 
 
-def _shorten(message: str) -> str:
-    """A message from elsewhere with every long word (a quoted value, say) clipped."""
-    return _cap(re.sub(rf"\S{{{CLIP + 1},}}", lambda word: word.group()[: CLIP - 1] + "…", message))
-
-
-def _cap(message: str) -> str:
-    """At most MAX_MESSAGE characters: a safety net under the clipping of each value."""
-    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
-
-
 def _check_mirror(mirror: str) -> str:
     from stages.download import check_mirror
 
     try:
         check_mirror(mirror)
     except BadInputError as error:
-        raise ValueError(_shorten(str(error))) from None  # it quotes the whole mirror
+        raise ValueError(shorten(str(error))) from None  # it quotes the whole mirror
     return mirror
 
 
@@ -303,105 +289,6 @@ def _largest_model(base: Hyperparameters, search_space: dict) -> Hyperparameters
     return base.model_copy(update=largest)
 
 
-def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
-    """Merges `path` onto the defaults, applies `key=value` overrides, and validates the result.
-
-    A file's sections merge into the defaults key by key; every value, a list or the whole `train.search_space`
-    included, replaces the default as a whole. An override replaces the one value its dotted key names, so
-    `--set train.search_space.dropout=...` changes one entry (null removes it).
-
-    Raises:
-      BadInputError: the file cannot be read or parsed, an override is malformed, or any value is invalid; the
-        message names the file or the override it came from.
-    """
-    text = None
-    if path is not None:
-        try:
-            text = _read_bounded(Path(path))
-        except FileNotFoundError:
-            raise BadInputError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise BadInputError(f"cannot read config file {path}: {error}") from None
-    return _merge(text, str(path) if path is not None else None, overrides)
-
-
-def load_run_config(config_file: str, overrides: list[str] = ()) -> Config:
-    """`load_config` for the config.yaml a run saved (a local path or a URI), as `run --resume` reads it."""
-    from stages import storage
-
-    try:
-        # the run's own file; read_bytes of a URI cannot stop early, _parse_yaml refuses what is too big
-        text = storage.read_bytes(config_file).decode() if storage.is_uri(config_file) else _read_bounded(
-            Path(config_file)
-        )
-    except FileNotFoundError:
-        raise BadInputError(f"no run to resume: {config_file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"cannot read {config_file}: {error}") from None
-    return _merge(text, config_file, overrides)
-
-
-def _read_bounded(path: Path) -> str:
-    """The file's text; refused when larger than MAX_CONFIG_BYTES, reading no more than that."""
-    with path.open("rb") as file:
-        data = file.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise BadInputError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
-    return data.decode()
-
-
-def _merge(text: str | None, where: str | None, overrides: list[str]) -> Config:
-    raw = to_plain(Config())
-    budget = _Budget()  # one for the file and every override: many small ones add up too
-    if text is not None:
-        from_file = _parse_yaml(text, where, budget)
-        if from_file is not None and not isinstance(from_file, dict):
-            raise BadInputError(f"{where}: the config must be a mapping of sections, got {type(from_file).__name__}")
-        for section, values in (from_file or {}).items():
-            if isinstance(values, dict) and isinstance(raw.get(section), dict):
-                raw[section].update(values)
-            else:
-                raw[section] = values
-    override_keys = [_apply_override(raw, override, budget) for override in overrides]
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as error:
-        key, message = describe_validation_error(error, Config)
-        # name the file only when the bad value came from it; an override's key speaks for itself
-        from_override = any(_related(override_key, key) for override_key in override_keys)
-        source = f"{where}: " if where is not None and not from_override else ""
-        raise BadInputError(f"{source}{_cap(f'{key}: {message}')}") from None
-
-
-def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -> tuple[str, str]:
-    """The dotted key of the first problem, and one line saying what is wrong (and how many more problems)."""
-    problems = error.errors()
-    first = problems[0]
-    key = _dotted(first["loc"])
-    if first["type"] == "extra_forbidden":
-        parent = _model_at(schema, first["loc"][:-1])
-        name = str(first["loc"][-1])
-        message = f"unknown key{did_you_mean(name, parent.model_fields) if parent else ''}"
-    else:
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "model_type":  # "...instance of TrainSettings" means nothing to a user
-            message = "should be a section: a mapping of keys to values"
-        if first["type"] not in ("value_error", "assertion_error") and "input" in first:
-            message += f" (got {clip(first['input'])})"
-        # validators that check a whole section say which key they mean: "validation_size: ..."
-        named = re.match(r"([A-Za-z_]\w*): ", message)
-        if named:
-            key, message = f"{key}.{named.group(1)}" if key else named.group(1), message[named.end():]
-    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
-    return key, message + more
-
-
-def _related(override_key: str, error_key: str) -> bool:
-    """Whether a problem at `error_key` can come from the override of `override_key`."""
-    a, b = override_key.split("."), re.split(r"[.\[]", error_key)
-    return a[: len(b)] == b[: len(a)]
-
-
 def to_plain(config: BaseModel) -> dict:
     """The config as plain YAML-able data, in the same shape as the file it came from."""
     plain = config.model_dump(mode="json")
@@ -410,174 +297,3 @@ def to_plain(config: BaseModel) -> dict:
         plain["train"]["search_space"] = {name: {spec["kind"]: spec["args"]} for name, spec in space.items()}
     return plain
 
-
-def _apply_override(raw: dict, override: str, budget: _Budget) -> str:
-    """Sets the value of one `dotted.key=yaml` override in `raw`; returns the dotted key."""
-    key, equals, text = override.partition("=")
-    if not equals or not key.strip():
-        raise BadInputError(f"--set expects KEY=VALUE (e.g. train.epochs=2), got {clip(override)}")
-    shown = _key_text(key)
-    parts = key.strip().split(".")
-    if len(parts) > MAX_KEY_PARTS:
-        raise BadInputError(f"--set {shown}: no setting is {len(parts)} levels deep")
-    value = _parse_yaml(text, f"--set {shown}", budget) if text.strip() else None
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise BadInputError(f"--set {shown}: {_key_text('.'.join(parts[: depth + 1]))} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-    return key.strip()
-
-
-@dataclass
-class _Budget:
-    """Keys and values the YAML of one config may still expand to, an alias counting all its anchor holds."""
-
-    values: int = MAX_YAML_VALUES
-
-
-class _Refused(yaml.MarkedYAMLError):
-    """Valid YAML that no config needs: too big, too deep, a duplicate or merge key, an impossible value."""
-
-
-class _Loader(yaml.SafeLoader):
-    """A SafeLoader that bounds what a document expands to, and refuses duplicate keys and merge keys.
-
-    PyYAML shares an aliased node, so loading is cheap, but walking the result (validating, printing a bad value)
-    visits every alias again: 447 bytes of nested aliases make billions of values. Counting each alias as all its
-    anchor holds while composing stops such a document at its first alias too many. YAML 1.1 reads `1e-3` as a
-    string; like YAML 1.2 (and every user's expectation), this loader reads it as a float.
-    """
-
-    def __init__(self, stream: str, budget: _Budget) -> None:
-        super().__init__(stream)
-        self._budget = budget
-        self._depth = 0
-        self._values = 0  # keys and values composed, an alias counting all its anchor holds
-        self._sizes: dict[int, int] = {}  # id of an anchored node (kept alive in self.anchors) -> values it holds
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            self._count_alias(event)
-            return super().compose_node(parent, index)
-        if self._depth >= MAX_YAML_DEPTH:  # refused before the composer's recursion overflows the stack
-            raise _Refused(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
-        before = self._values
-        self._depth += 1
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        self._count(1, event.start_mark)
-        if event.anchor is not None:
-            self._sizes[id(node)] = self._values - before
-        return node
-
-    def _count_alias(self, event: yaml.AliasEvent) -> None:
-        node = self.anchors.get(event.anchor)
-        if node is None:
-            return  # an undefined alias: the composer says so
-        size = self._sizes.get(id(node))
-        if size is None:  # its anchor is still being composed: a cycle, infinite once walked
-            raise _Refused(None, None, f"alias *{event.anchor[:CLIP]} is inside its own anchor", event.start_mark)
-        self._count(size, event.start_mark)
-
-    def _count(self, values: int, mark: yaml.Mark) -> None:
-        self._values += values
-        self._budget.values -= values
-        if self._budget.values < 0:
-            raise _Refused(
-                None, None, f"more than {MAX_YAML_VALUES:,} keys and values in all (each alias counts all its "
-                "anchor holds): not a config", mark,
-            )
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_seen: dict[Any, yaml.Mark] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                # a merge repeats its mappings' keys: refused rather than bounded, as writing the keys out is clearer
-                raise _Refused(None, None, "merge keys (<<) are not supported: write the keys out", key_node.start_mark)
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in first_seen:
-                    first = _place(first_seen[key], key_node.start_mark)
-                    raise _Refused(None, None, f"duplicate key {clip(key)} (first at {first})", key_node.start_mark)
-                first_seen[key] = key_node.start_mark
-            except TypeError:
-                pass  # an unhashable key: the base class refuses it
-        return super().construct_mapping(node, deep=deep)
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        try:
-            value = super().construct_yaml_int(node)
-        except ValueError:  # more than 4300 decimal digits
-            value = None
-        if value is None or value.bit_length() > 64:  # no setting is that large; its repr could not even be printed
-            raise _Refused(None, None, f"integer {node.value[:20]}… is too large", node.start_mark)
-        return value
-
-    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
-        try:
-            return super().construct_yaml_timestamp(node)
-        except ValueError as error:  # 2024-13-45 looks like a date to YAML
-            raise _Refused(
-                None, None, f"{clip(node.value)} is not a date ({error}; quote it for a text)", node.start_mark
-            ) from None
-
-
-def _place(first: yaml.Mark, then: yaml.Mark) -> str:
-    """Where `first` is, as seen from `then`: its line, or its column when both share a line (a --set value)."""
-    return f"line {first.line + 1}" if first.line != then.line else f"column {first.column + 1} of the same line"
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|" r"^[-+]?(?:\d[\d_]*)\.\d*$|^[-+]?\.\d+$"),
-    list("-+0123456789."),
-)
-# the base class registered its own functions: register the overrides
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
-
-
-def _parse_yaml(text: str, where: str, budget: _Budget) -> Any:
-    if len(text) > MAX_CONFIG_BYTES:  # a run's config.yaml from a URI, a value given to --set
-        raise BadInputError(f"{where}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
-    loader = _Loader(text, budget)  # what yaml.load does, with the budget
-    try:
-        return loader.get_single_data()
-    except _Refused as error:
-        raise BadInputError(f"{where}: line {error.problem_mark.line + 1}: {error.problem}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise BadInputError(f"{where}: invalid YAML{position}: {_shorten(problem)}") from None
-    finally:
-        loader.dispose()
-
-
-def _dotted(location: tuple) -> str:
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{_key_text(part)}" if text else _key_text(part))
-    return text
-
-
-def _key_text(key: Any) -> str:
-    """A key as a message shows it: as it is when short and printable, else clipped (a key can be 1 MB too)."""
-    return key if isinstance(key, str) and len(key) <= CLIP and key.isprintable() else clip(key)
-
-
-def _model_at(schema: type[BaseModel], location: tuple) -> type[BaseModel] | None:
-    for part in location:
-        field = schema.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        schema = field.annotation
-    return schema

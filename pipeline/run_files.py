@@ -21,13 +21,13 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.bounded_yaml import MAX_CONFIG_BYTES  # config.yaml: what a config file may hold
 from pipeline.run_folder import RunFolder
 from stages import storage
 from stages.errors import BadInputError, DataError
 from stages.redact import redact
 
 MAX_RECORD_BYTES = 16 * 2**20  # stages.json, summary.json, metrics.json are KiBs: more is not ours
-MAX_CONFIG_BYTES = 2**20  # config.yaml: what pipeline.config reads at most
 MAX_STATE_BYTES = 256 * 2**20  # Tune's experiment state grows with the trials; far below this for any real search
 
 

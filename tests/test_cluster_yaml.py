@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_CONFIGS = ["cluster.yaml", "clusters/onprem.yaml"]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
+from pipeline.config_loading import load_config
 from stages.errors import BadInputError
 
 REPO = Path(__file__).resolve().parent.parent

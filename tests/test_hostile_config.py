@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from peak_memory import MEASURED_CLI, read_peak
 
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from stages.errors import BadInputError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = Path(os.environ.get("KUBERAY_SCHEMAS", REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"))
