@@ -25,7 +25,7 @@ from pipeline.run_files import (
 )
 from pipeline.run_folder import RunFolder, adopt_run_folder
 from pipeline.stage_records import StageInputs, StageRecords, changed_code, describe_changes, stage_inputs
-from pipeline.task_failures import task_failure
+from pipeline.task_failures import first_line, task_failure
 from pipeline.tasks import (
     SplitRefs,
     download_task,
@@ -124,7 +124,7 @@ def _join(target: RayTarget):
         return ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as error:
         if not _about_authentication(error):
-            raise BadInputError(f"{target.source}={redact(address)}: {_first_line(error)}") from None
+            raise BadInputError(f"{target.source}={redact(address)}: {first_line(error)}") from None
         mode = os.environ.get("RAY_AUTH_MODE", "unset")
         raise BadInputError(
             f"the Ray cluster at {address} refused this client's authentication token (RAY_AUTH_MODE={mode}): "
@@ -481,11 +481,6 @@ def _get(ref):
         if failure is error:
             raise
         raise failure from (None if failure is getattr(error, "cause", None) else error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _clip(text: str | None, limit: int = 100) -> str:

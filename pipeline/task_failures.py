@@ -34,10 +34,10 @@ def task_failure(stage: str, error: BaseException) -> BaseException:
     if isinstance(error, ray.exceptions.RayError) and not isinstance(error, ray.exceptions.RayTaskError):
         # a worker or node that died, an object lost with its node: Ray's own one-line description comes first
         return PipelineError(
-            f"stage {stage}: {_first_line(error)} (details in pipeline.log); `run --resume` continues the run"
+            f"stage {stage}: {first_line(error)} (details in pipeline.log); `run --resume` continues the run"
         )
     return PipelineError(
-        f"stage {stage} failed: {type(cause).__name__}: {_first_line(cause)} "
+        f"stage {stage} failed: {type(cause).__name__}: {first_line(cause)} "
         "(traceback in pipeline.log; rerun with --debug to see it here)"
     )
 
@@ -50,10 +50,11 @@ def _os_failure(stage: str, error: OSError) -> PipelineError:
     if error.errno in _WRITE_REFUSED:
         return StorageError(f"stage {stage}: cannot write {where or 'a file'}: {error.strerror}; check the folder's "
                             "permissions, or point run.root / data.cache_dir elsewhere")
-    reason = error.strerror or _first_line(error) or type(error).__name__
+    reason = error.strerror or first_line(error) or type(error).__name__
     return StorageError(f"stage {stage}: {reason}{f': {where}' if where else ''}")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text, credentials masked and clipped: what a one-line message may quote."""
     text = redact(str(error)).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
