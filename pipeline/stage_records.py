@@ -33,7 +33,10 @@ from stages.code_hash import code_hash
 _STAGE_CODE = {
     "download": ("stages.download", "stages.mirror_attempt", "stages.atomic"),
     "preprocess": ("stages.preprocess", "stages.idx", "stages.dataset_cache"),
-    "train": ("stages.train", "stages.trial", "stages.model", "stages.hyperparameters", "stages.train_settings"),
+    "train": (
+        "stages.train", "stages.tune_results", "stages.trial", "stages.model", "stages.hyperparameters",
+        "stages.train_settings",
+    ),
     "evaluate": ("stages.evaluate",),
 }
 
