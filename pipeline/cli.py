@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "images", metavar="IMAGE", nargs="+", type=str,
         help="image files; a bad one is reported on its own line (exit 2), the others are still classified",
     )
+    predict.add_argument(
+        "--ensemble", action="store_true",
+        help="use the run's top-k ensemble (model/ensemble.keras, made with evaluate.ensemble_top_k)",
+    )
     predict.add_argument("--top", type=int, default=1, metavar="K", help="also show the next K-1 likeliest digits")
     add_config_arguments(predict)
 
@@ -155,7 +159,7 @@ def _predict(args: argparse.Namespace, root: str) -> int:
         raise BadInputError(f"--top {args.top}: give a number from 1 to 10")
     if hasattr(sys.stdout, "reconfigure"):  # a name the terminal's encoding cannot show is escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
-    model = find_model(args.model, root)
+    model = find_model(args.model, root, ensemble=args.ensemble)
     digits, failed = [], 0
     for image in args.images:  # every image is read before the model loads: a typo is reported at once
         try:

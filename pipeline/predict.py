@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.run_folder import locate_run
 from stages import storage
 from stages.errors import BadInputError
+from stages.evaluate import EXPORTED_ENSEMBLE
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -68,13 +69,26 @@ def printable(name: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def find_model(run_or_model: str, root: str) -> str:
-    """A .keras file, a run folder or URI, or a run id under `root` → the model's location.
+def find_model(run_or_model: str, root: str, *, ensemble: bool = False) -> str:
+    """A .keras file, a run folder or URI, or a run id under `root` → the model's location: the run's best model, or
+    with `ensemble` its top-k ensemble (model/ensemble.keras, made when evaluate.ensemble_top_k was set).
 
     Raises:
-      BadInputError: nothing there holds a model, or it is not a regular file.
+      BadInputError: nothing there holds a model, or it is not a regular file; `ensemble` with a .keras file.
     """
-    model = run_or_model if run_or_model.endswith(".keras") else locate_run(run_or_model, root).model_file
+    if run_or_model.endswith(".keras"):
+        if ensemble:
+            raise BadInputError(f"{printable(run_or_model)}: --ensemble picks a run's ensemble; give the run, or the "
+                                ".keras file without --ensemble")
+        model = run_or_model
+    elif ensemble:
+        run = locate_run(run_or_model, root)
+        model = storage.join(run.model_dir, EXPORTED_ENSEMBLE)
+        if not storage.exists(model) and storage.exists(run.model_file):
+            raise BadInputError(f"run {run_or_model!r} has no ensemble ({printable(model)} is missing): it was "
+                                "evaluated without evaluate.ensemble_top_k")
+    else:
+        model = locate_run(run_or_model, root).model_file
     if storage.exists(model):
         if not storage.is_uri(model):  # a FIFO would block the load for ever, a folder fail obscurely
             try:

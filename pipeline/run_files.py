@@ -147,6 +147,7 @@ INTEGER: Check = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an 
 TEXT: Check = (lambda v: isinstance(v, str), "a string")
 OPTIONAL_TEXT: Check = (lambda v: v is None or isinstance(v, str), "a string or null")
 MAPPING: Check = (lambda v: isinstance(v, dict), "an object")
+OPTIONAL_MAPPING: Check = (lambda v: v is None or isinstance(v, dict), "an object or null")
 LIST: Check = (lambda v: isinstance(v, list), "a list")
 TEXT_LIST: Check = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
 
@@ -172,6 +173,11 @@ _METRICS_FIELDS = {
     "best_trial_id": TEXT, "best_epoch": INTEGER, "hyperparameters": MAPPING, "trials": LIST,
 }
 _TRIAL_FIELDS = {"trial_id": TEXT, "status": TEXT, "nodes": TEXT_LIST, "error": OPTIONAL_TEXT}
+# The summary shows these too; runs evaluated before they existed lack them
+_TOP_TRIAL_FIELDS = {
+    "trial_id": TEXT, "best_val_accuracy": NUMBER, "best_epoch": INTEGER, "epochs": INTEGER, "hyperparameters": MAPPING,
+}
+_ENSEMBLE_FIELDS = {"k": INTEGER, "trial_ids": TEXT_LIST, "test_accuracy": NUMBER, "test_loss": NUMBER}
 
 
 def read_metrics(run: RunFolder) -> dict:
@@ -183,15 +189,34 @@ def read_metrics(run: RunFolder) -> dict:
     metrics = read_json_object(run.metrics_file)
     if metrics is None:
         raise DamagedFile(run.metrics_file, "missing")
-    problem = shape_problem(metrics, _METRICS_FIELDS)
-    for index, trial in enumerate(metrics["trials"] if problem is None else []):
-        trial_problem = shape_problem(trial, _TRIAL_FIELDS) if isinstance(trial, dict) else "not an object"
-        if trial_problem:
-            problem = f"trials[{index}]: {trial_problem}"
-            break
+    problem = shape_problem(metrics, _METRICS_FIELDS) or _list_problem(metrics, "trials", _TRIAL_FIELDS)
+    problem = problem or _optional_problem(metrics)
     if problem:
         raise DamagedFile(run.metrics_file, problem)
     return metrics
+
+
+def _list_problem(record: dict, name: str, fields: dict[str, Check]) -> str | None:
+    """What is wrong with the first bad object in the list `record[name]`, or None."""
+    for index, item in enumerate(record[name]):
+        item_problem = shape_problem(item, fields) if isinstance(item, dict) else "not an object"
+        if item_problem:
+            return f"{name}[{index}]: {item_problem}"
+    return None
+
+
+def _optional_problem(metrics: dict) -> str | None:
+    """What is wrong with the optional fields of metrics.json that are there (top_trials, ensemble, stop_reason)."""
+    present = {name: check for name, check in
+               {"top_trials": LIST, "ensemble": OPTIONAL_MAPPING, "stop_reason": OPTIONAL_TEXT}.items()
+               if name in metrics}
+    problem = shape_problem(metrics, present)
+    if problem is None and "top_trials" in metrics:
+        problem = _list_problem(metrics, "top_trials", _TOP_TRIAL_FIELDS)
+    if problem is None and metrics.get("ensemble") is not None:
+        ensemble_problem = shape_problem(metrics["ensemble"], _ENSEMBLE_FIELDS)
+        problem = f"ensemble: {ensemble_problem}" if ensemble_problem else None
+    return problem
 
 
 _KERAS_PARTS = {"config.json", "model.weights.h5"}  # what keras.saving writes into every .keras archive

@@ -369,17 +369,27 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
             )
             outputs["test_accuracy"] = metrics["test_accuracy"]
     summary = RunSummary(run.run_id, run.location, metrics, {name: seconds[name] for name in STAGES}, skipped)
-    storage.write_json(run.summary_file, {
+    storage.write_json(run.summary_file, summary_record(summary))
+    return summary
+
+
+def summary_record(summary: RunSummary) -> dict[str, Any]:
+    """What summary.json holds: the run at a glance."""
+    metrics = summary.metrics
+    return {
         "run_id": summary.run_id,
         "val_accuracy": metrics["val_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
         "best_trial_id": metrics["best_trial_id"],
         "hyperparameters": metrics["hyperparameters"],
+        # the next three are absent from the metrics of runs evaluated before they existed
+        "top_trials": metrics.get("top_trials", []),
+        "ensemble": metrics.get("ensemble"),  # k, trial_ids, test_accuracy, test_loss, model; null: none
+        "stop_reason": metrics.get("stop_reason"),
         "stage_seconds": summary.stage_seconds,
         "trials": len(metrics["trials"]),
         "failed_trials": {t["trial_id"]: t["error"] for t in metrics["trials"] if t["status"] == "ERROR"},
-    })
-    return summary
+    }
 
 
 def check_resume(config: Config, run: RunFolder) -> None:
@@ -425,22 +435,49 @@ def format_summary(summary: RunSummary) -> str:
         for stage in STAGES
     )
     nodes = sorted({node for trial in metrics["trials"] for node in trial["nodes"]})
+    ensemble = metrics.get("ensemble")
     lines = [
         f"run {summary.run_id} finished in {_duration(sum(summary.stage_seconds.values()))}"
         + (" (resumed)" if summary.skipped else ""),
         f"  best trial:      {metrics['best_trial_id']} (epoch {metrics['best_epoch']}) "
         f"of {len(metrics['trials'])} trials on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
         + (f"; failed after retries: {'; '.join(failed)}" if failed else ""),
+        *_top_trials_table(metrics.get("top_trials") or [], indent=" " * 19),
+        *([f"  search stopped:  {metrics['stop_reason']}"] if metrics.get("stop_reason") else []),
         f"  hyperparameters: {hyperparameters}",
         f"  val accuracy:    {metrics['val_accuracy']:.4f}",
         f"  test accuracy:   {metrics['test_accuracy']:.4f} (loss {metrics['test_loss']:.4f}, "
-        f"{metrics['test_images']} images)",
+        f"{metrics['test_images']} images)"
+        + (f"; ensemble of the {ensemble['k']} best trials: {ensemble['test_accuracy']:.4f} "
+           f"(loss {ensemble['test_loss']:.4f})" if ensemble else ""),
         f"  trial nodes:     {', '.join(node[:12] for node in nodes)}",
         f"  stage times:     {times}",
         f"  report:          {redact(RunFolder(summary.folder).report_file)}",
-        f"  artifacts:       {redact(summary.folder)}/ (metrics.json, model/model.keras, tune/, data/, config.yaml)",
+        f"  artifacts:       {redact(summary.folder)}/ (metrics.json, trials.csv, model/model.keras, tune/, data/, "
+        "config.yaml)",
     ]
     return "\n".join(lines)
+
+
+def _top_trials_table(top: list[dict], indent: str) -> list[str]:
+    """The best trials as aligned rows under a header: rank, trial, best validation accuracy, its epoch, epochs
+    trained, the searched hyperparameters. Nothing for a single trial: the best trial's line says it all."""
+    if len(top) < 2:
+        return []
+    names = list(dict.fromkeys(name for trial in top for name in trial["hyperparameters"]))
+    rows = [["#", "trial", "val acc", "epoch", "epochs", *names]] + [
+        [str(rank), trial["trial_id"], f"{trial['best_val_accuracy']:.4f}", str(trial["best_epoch"]),
+         str(trial["epochs"]), *(_short(trial["hyperparameters"].get(name)) for name in names)]
+        for rank, trial in enumerate(top, start=1)
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    numbers = {0, 2, 3, 4}  # right-aligned
+    table = [
+        "  ".join(cell.rjust(width) if column in numbers else cell.ljust(width)
+                  for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
+    return [f"  top trials:      {table[0]}"] + [indent + line for line in table[1:]]
 
 
 _running_stage: str | None = None  # the stage the driver waits for (named in failures that have no task)

@@ -37,7 +37,7 @@ _STAGE_CODE = {
         "stages.train", "stages.tune_results", "stages.trial", "stages.model", "stages.hyperparameters",
         "stages.train_settings",
     ),
-    "evaluate": ("stages.evaluate",),
+    "evaluate": ("stages.evaluate", "stages.ensemble", "stages.tune_results"),
 }
 
 
@@ -71,7 +71,7 @@ def stage_inputs(config: Config) -> dict[str, StageInputs]:
         "download": ["data.cache_dir"],
         "preprocess": ["run.seed", "data.validation_size", "data.max_train_images", "data.max_test_images"],
         "train": ["run.seed", "model.", "train."],
-        "evaluate": ["evaluate.batch_size"],
+        "evaluate": ["evaluate.batch_size", "evaluate.ensemble_top_k"],
     }
     result, upstream = {}, ""
     for stage, prefixes in keys.items():

@@ -168,22 +168,30 @@ def _has_model(checkpoint) -> bool:
 def evaluate_task(
     outcome, test, settings: EvaluateSection, run_location: str, stage_seconds: dict, epochs: int, log_level: int
 ) -> dict[str, Any]:
-    """Scores the best checkpoint, exports the model, writes metrics.json and the report into the run folder."""
+    """Scores the best checkpoint (and the top-k ensemble, if asked for), exports the model(s), writes trials.csv,
+    metrics.json and the report into the run folder."""
     import time
 
     from pipeline.run_folder import RunFolder
     from stages import storage
-    from stages.evaluate import evaluate, export_model
+    from stages.ensemble import top_k_ensemble
+    from stages.evaluate import TRIALS_TABLE, evaluate, export_model
     from stages.report import ReportInputs, write_report
     from stages.trial import configure_tensorflow
+    from stages.tune_results import history_csv
 
     started = time.perf_counter()
     _worker_logging(log_level)
     configure_tensorflow(1)
     run = RunFolder(run_location)
+    storage.write_bytes(storage.join(run.location, TRIALS_TABLE), history_csv(outcome.history))
     with outcome.best_checkpoint.as_directory() as checkpoint_folder:  # a download when the run is remote
         model, evaluation, probabilities = evaluate(Path(checkpoint_folder), test, batch_size=settings.batch_size)
     exported = export_model(model, outcome.best_hyperparameters, run.model_dir)
+    # beside the single best model, whose numbers stay the headline ones
+    ensemble = top_k_ensemble(
+        outcome.ranked, settings.ensemble_top_k, test, batch_size=settings.batch_size, model_dir=run.model_dir
+    )
     metrics = {
         "val_accuracy": outcome.best_val_accuracy,
         **evaluation.as_dict(),
@@ -192,6 +200,9 @@ def evaluate_task(
         "hyperparameters": outcome.best_hyperparameters,
         "checkpoint": outcome.best_checkpoint_location,
         "model": redact(exported),
+        "stop_reason": outcome.stop_reason,
+        "ensemble": ensemble,
+        "top_trials": outcome.top_trials(),
         "trials": [asdict(trial) for trial in outcome.trials],
     }
     storage.write_json(run.metrics_file, metrics)

@@ -14,6 +14,8 @@ from stages.preprocess import LabeledImages
 
 EXPORTED_MODEL = "model.keras"
 EXPORTED_HYPERPARAMETERS = "hyperparameters.json"
+EXPORTED_ENSEMBLE = "ensemble.keras"  # evaluate.ensemble_top_k: beside model.keras (stages.ensemble)
+TRIALS_TABLE = "trials.csv"  # in the run folder: every trial's hyperparameters and metrics, one row per epoch
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,9 @@ def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
     """
     import keras
 
-    model = keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True)
+    # uncompiled: predicting needs neither the optimizer (whose learning-rate schedule may be a custom object of
+    # stages.model) nor the loss
+    model = keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False)
     probabilities = model.predict(test.images, batch_size=batch_size, verbose=0)
     return model, score(probabilities, test.labels), probabilities
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from stages import storage
+from stages.tune_results import searched_hyperparameters as varied_hyperparameters
 
 FIGURES = ("curves", "hyperparameters", "confusion", "mistakes", "per_class")
 MAX_MISTAKES_SHOWN = 40
@@ -100,8 +101,7 @@ def _curves(inputs: ReportInputs) -> bytes:
 
 def searched_hyperparameters(trials: list[dict]) -> list[str]:
     """The hyperparameters that differ between trials (the ones the search explored)."""
-    names = list(trials[0]["hyperparameters"]) if trials else []
-    return [name for name in names if len({repr(t["hyperparameters"].get(name)) for t in trials}) > 1]
+    return varied_hyperparameters([t["hyperparameters"] for t in trials])
 
 
 def _hyperparameters(inputs: ReportInputs) -> bytes:
@@ -248,6 +248,16 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         )
         for t in sorted(trials, key=lambda t: -(t.get("best_val_accuracy") or 0))
     )
+    top = metrics.get("top_trials") or []
+    top_names = list(dict.fromkeys(name for t in top for name in t["hyperparameters"]))
+    top_rows = "".join(
+        "<tr{cls}><td>{rank}</td><td>{id}</td><td>{val:.4f}</td><td>{epoch}</td><td>{epochs}</td>{hps}</tr>".format(
+            cls=" class=best" if t["trial_id"] == metrics["best_trial_id"] else "",
+            rank=rank, id=html.escape(t["trial_id"]), val=t["best_val_accuracy"], epoch=t["best_epoch"],
+            epochs=t["epochs"], hps="".join(f"<td>{cell(t['hyperparameters'].get(name))}</td>" for name in top_names),
+        )
+        for rank, t in enumerate(top, start=1)
+    )
     class_rows = "".join(
         f"<tr><td>{c['digit']}</td><td>{c['precision']:.4f}</td><td>{c['recall']:.4f}</td><td>{c['f1']:.4f}</td>"
         f"<td>{c['support']}</td></tr>"
@@ -267,6 +277,8 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         f"</b>, validation accuracy {metrics['val_accuracy']:.2%} at epoch {metrics['best_epoch']}.{margin} "
         f"Most confused: true {true} predicted as {predicted} ({confusion[true, predicted]}×); weakest digits "
         f"by F1: {', '.join(str(c['digit']) for c in worst)}."
+        + _ensemble_sentence(metrics.get("ensemble"), accuracy)
+        + (f" The search stopped early: {html.escape(metrics['stop_reason'])}." if metrics.get("stop_reason") else "")
     )
     return _PAGE.format(
         run_id=html.escape(inputs.run_id),
@@ -274,6 +286,8 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         best_rows=best_rows,
         trial_header="".join(f"<th>{html.escape(name)}</th>" for name in searched),
         trial_rows=trial_rows,
+        top_header="".join(f"<th>{html.escape(name)}</th>" for name in top_names),
+        top_rows=top_rows,
         class_rows=class_rows,
         timing_rows=timing_rows,
         curves=image("curves", "validation accuracy per epoch for every trial"),
@@ -281,6 +295,17 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         confusion=image("confusion", "confusion matrix"),
         mistakes=image("mistakes", "misclassified test images"),
         per_class=image("per_class", "precision and recall per digit"),
+    )
+
+
+def _ensemble_sentence(ensemble: dict | None, single_accuracy: float) -> str:
+    if not ensemble:
+        return ""
+    members = ", ".join(html.escape(trial_id) for trial_id in ensemble["trial_ids"])
+    return (
+        f" An ensemble averaging the {ensemble['k']} best trials by validation accuracy ({members}) reached "
+        f"<b>{ensemble['test_accuracy']:.2%}</b> on test "
+        f"({(ensemble['test_accuracy'] - single_accuracy) * 100:+.2f} points; exported as model/ensemble.keras)."
     )
 
 
@@ -309,6 +334,10 @@ img {{ max-width: 100%; }} .row {{ display: flex; gap: 2rem; flex-wrap: wrap; al
 </div>
 <h2>How the trials learned</h2>{curves}
 <h2>What the search found</h2>{hyperparameters}
+<h2>Top trials</h2>
+<table><tr><th>#</th><th>trial</th><th>best val accuracy</th><th>at epoch</th><th>epochs</th>{top_header}</tr>{top_rows}
+</table>
+<p class="note">Ranked by the validation accuracy of each trial's best checkpoint; the test set plays no part.</p>
 <h2>All trials</h2>
 <table><tr><th>trial</th><th>status</th><th>epochs</th><th>best val accuracy</th>{trial_header}</tr>{trial_rows}</table>
 <h2>Where the model fails</h2>

@@ -1,6 +1,7 @@
 """Test-set metrics from predictions, and the exported model."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -38,3 +39,67 @@ def test_exported_model_loads_safely_and_predicts_the_same(tmp_path):
     assert np.allclose(reloaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
     assert json.loads((tmp_path / "hyperparameters.json").read_text()) == hp.model_dump()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hyperparameters.json", "model.keras"]
+
+
+def test_the_ensemble_averages_its_members_and_reloads_as_predict_needs(tmp_path):
+    import keras
+
+    from pipeline.predict import predict
+    from stages.ensemble import build_ensemble, export_ensemble
+
+    members = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        members.append(build_model(Hyperparameters(conv1_filters=4, conv2_filters=8, dense_units=32)))
+    ensemble = build_ensemble(members, ["a", "b", "c"])
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    each = [member.predict(images, verbose=0) for member in members]
+    assert np.allclose(ensemble.predict(images, verbose=0), np.mean(each, axis=0), atol=1e-6)
+    assert not np.allclose(each[0], each[1], atol=1e-3), "members that differ: averaging is visible"
+    location = export_ensemble(ensemble, str(tmp_path))
+    assert location == str(tmp_path / "ensemble.keras")
+    got = [p.probabilities for p in predict(location, [(f"digit{i}", image) for i, image in enumerate(images)])]
+    assert np.allclose(got, np.mean(each, axis=0), atol=1e-6)
+
+
+def ranked(count: int, folder):
+    from ray import tune
+
+    from stages.tune_results import RankedCheckpoint
+
+    checkpoint = tune.Checkpoint.from_directory(str(folder))
+    return [RankedCheckpoint(f"t{i}", 0.9 - i / 100, 1, checkpoint, str(folder)) for i in range(count)]
+
+
+def test_fewer_trials_than_k_make_a_smaller_ensemble_one_makes_none(tmp_path, caplog):
+    from stages.ensemble import choose_members, top_k_ensemble
+
+    candidates = ranked(4, tmp_path)
+    assert choose_members(candidates, 2) == candidates[:2] and not caplog.records
+    assert choose_members(candidates, 6) == candidates
+    assert "evaluate.ensemble_top_k=6 but only 4 trials have checkpoints" in caplog.text
+    caplog.clear()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "ensemble.keras").write_bytes(b"left by an earlier evaluation of this run")
+    assert top_k_ensemble(ranked(1, tmp_path), 3, None, batch_size=10, model_dir=str(model_dir)) is None
+    assert "only 1 trial has a checkpoint: no ensemble" in caplog.text
+    assert not (model_dir / "ensemble.keras").exists(), "an ensemble no metrics describe is removed"
+
+
+@pytest.mark.parametrize("value, error", [
+    ("1", "Input should be greater than or equal to 2 (got 1)"),
+    ("21", "Input should be less than or equal to 20 (got 21)"),
+    ("true", "Input should be a valid integer"),
+    ("2.5", "Input should be a valid integer"),
+    ("three", "Input should be a valid integer"),
+])
+def test_ensemble_top_k_is_checked(value, error):
+    from pipeline.config_loading import load_config
+    from stages.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=rf"^evaluate.ensemble_top_k: {re.escape(error)}"):
+        load_config(None, [f"evaluate.ensemble_top_k={value}"])
+    assert load_config(None, ["evaluate.ensemble_top_k=20"]).evaluate.ensemble_top_k == 20
+    assert load_config(None, ["evaluate.ensemble_top_k=null"]).evaluate.ensemble_top_k is None
+    assert load_config(None).evaluate.ensemble_top_k is None

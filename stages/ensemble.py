@@ -1,0 +1,135 @@
+"""The top-k ensemble: one Keras model that averages the predicted probabilities of the k best trials' best
+checkpoints, chosen on validation accuracy alone, measured once on the test set beside the single best model."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stages import storage
+from stages.atomic import atomic_path
+from stages.evaluate import EXPORTED_ENSEMBLE, EXPORTED_MODEL, score
+from stages.idx import IMAGE_SHAPE
+from stages.preprocess import LabeledImages
+from stages.redact import redact
+from stages.tune_results import RankedCheckpoint
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class EnsembleEvaluation:
+    k: int  # members averaged
+    trial_ids: list[str]  # the members, best validation accuracy first
+    test_accuracy: float
+    test_loss: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def top_k_ensemble(
+    ranked: list[RankedCheckpoint], k: int | None, test: LabeledImages, *, batch_size: int, model_dir: str
+) -> dict | None:
+    """evaluate.ensemble_top_k: the ensemble of the k best trials, measured on the test set and exported to
+    `model_dir`/ensemble.keras.
+
+    Args:
+      ranked: every trial's best checkpoint, best validation accuracy first (TuneOutcome.ranked).
+      k: members wanted; None: no ensemble, and an ensemble.keras an earlier evaluation of this run left (resumed
+        with other settings) is removed, since no metrics describe it.
+      test: the test split.
+      batch_size: images per prediction step.
+      model_dir: the run's model folder (path or URI).
+
+    Returns:
+      metrics.json's "ensemble" entry (k, trial_ids, test_accuracy, test_loss, model), or None without one.
+    """
+    members = choose_members(ranked, k) if k else []
+    if not members:
+        remove_exported_ensemble(model_dir)
+        return None
+    model, evaluation = evaluate_ensemble(members, test, batch_size=batch_size)
+    exported = export_ensemble(model, model_dir)
+    log.info("evaluate: the ensemble of %d trials: test accuracy %.4f", evaluation.k, evaluation.test_accuracy)
+    return {**evaluation.as_dict(), "model": redact(exported)}
+
+
+def choose_members(ranked: list[RankedCheckpoint], k: int) -> list[RankedCheckpoint]:
+    """The k trials with the best validation accuracy (`ranked` is in that order; the test set plays no part).
+    Fewer when fewer trials have checkpoints (said in a warning); none when that leaves fewer than 2."""
+    members = ranked[:k]
+    if len(members) < 2:
+        log.warning("evaluate: evaluate.ensemble_top_k=%d but only %d trial has a checkpoint: no ensemble", k,
+                    len(members))
+        return []
+    if len(members) < k:
+        log.warning("evaluate: evaluate.ensemble_top_k=%d but only %d trials have checkpoints: the ensemble averages "
+                    "those %d", k, len(members), len(members))
+    return members
+
+
+def build_ensemble(members: list, names: list[str]):
+    """One functional model: the uint8 image input shared by every member, their probabilities averaged.
+
+    Args:
+      members: Keras models taking uint8 images (n, 28, 28) and returning 10 probabilities.
+      names: a unique name for each member inside the ensemble (the members' own names are all alike).
+
+    Returns:
+      An uncompiled keras.Model of the same input and output as each member.
+    """
+    import keras
+
+    image = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
+    outputs = [keras.Model(m.inputs[0], m.outputs[0], name=name)(image) for m, name in zip(members, names)]
+    average = keras.layers.Average(name="probabilities")(outputs)
+    return keras.Model(image, average, name=f"ensemble_of_{len(members)}")
+
+
+def evaluate_ensemble(members: list[RankedCheckpoint], test: LabeledImages, *, batch_size: int = 1000):
+    """Loads each member's checkpointed model, builds the ensemble and measures it on the test set, once.
+
+    Returns:
+      (the ensemble keras.Model, its EnsembleEvaluation).
+    """
+    import keras
+
+    models = []
+    for member in members:
+        with member.checkpoint.as_directory() as folder:  # a download when the run is remote
+            models.append(keras.models.load_model(Path(folder) / EXPORTED_MODEL, safe_mode=True, compile=False))
+    names = [f"member{rank}_{re.sub(r'[^A-Za-z0-9_]', '_', m.trial_id)}" for rank, m in enumerate(members, start=1)]
+    ensemble = build_ensemble(models, names)
+    scored = score(ensemble.predict(test.images, batch_size=batch_size, verbose=0), test.labels)
+    evaluation = EnsembleEvaluation(
+        k=len(members),
+        trial_ids=[member.trial_id for member in members],
+        test_accuracy=scored.test_accuracy,
+        test_loss=scored.test_loss,
+    )
+    return ensemble, evaluation
+
+
+def export_ensemble(model, location: str) -> str:
+    """Writes the ensemble as `ensemble.keras` into the folder or URI `location` (no optimizer state: its members were
+    loaded uncompiled). Returns the file's location."""
+    with storage.local_folder_for(location) as folder:
+        with atomic_path(folder / EXPORTED_ENSEMBLE) as temp:
+            model.save(temp)
+    return storage.join(location, EXPORTED_ENSEMBLE)
+
+
+def remove_exported_ensemble(location: str) -> None:
+    """Removes an `ensemble.keras` an earlier evaluation of this run left in `location`: a run evaluated again without
+    an ensemble must not keep one that its metrics do not describe."""
+    target = storage.join(location, EXPORTED_ENSEMBLE)
+    if not storage.is_uri(target):
+        Path(target).unlink(missing_ok=True)
+        return
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(target)
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.File:
+        filesystem.delete_file(path)
