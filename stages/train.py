@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import shutil
 import signal
@@ -11,14 +13,20 @@ from contextlib import contextmanager
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from stages import storage
 from stages.errors import BadInputError, StorageError, TrainingError
 from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
-from stages.train_settings import TrainSettings
+from stages.search_algorithms import (
+    STOP_REASON_FILE,
+    SearchStopper,
+    make_scheduler,
+    make_searcher,
+    read_stop_reason,
+    seed_driver,
+)
+from stages.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
 from stages.trial import run_trial
 from stages.tune_results import METRIC, MODE, TuneOutcome, summarize
 
@@ -46,16 +54,23 @@ def train(
 ) -> TuneOutcome:
     """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
 
+    The searcher, scheduler and stopper come from stages.search_algorithms. A search that cannot be repeated exactly
+    from `seed` (stages.train_settings.unrepeatable_because) is said in a warning first. A search ended early by
+    settings.target_val_accuracy or settings.time_budget_s ends like a finished one: trials still running are
+    stopped, the best checkpoint so far wins, and the outcome's stop_reason says why.
+
     Args:
       train_data, validation_data: the splits, or Ray ObjectRefs to them (then they are not put into the object
         store again: every trial reads the same copy).
       base: hyperparameters of every trial before the search space overrides some of them.
-      settings: the experiment (trials, scheduler, resources, search space).
+      settings: the experiment (searcher, scheduler, trials, resources, search space, when to stop).
       storage_path: Tune's storage_path (absolute path or URI); the experiment goes to {storage_path}/{name}.
       experiment_name: the experiment's folder name.
-      seed: seeds sampling and each trial's initialisation and shuffling.
+      seed: seeds the searcher, the scheduler's draws and each trial's initialisation and shuffling.
       resume: continue the experiment found at {storage_path}/{name} with Tune's restore, if there is one:
-        finished and failed trials stay as they are, unfinished ones continue from their latest checkpoints.
+        finished and failed trials stay as they are, unfinished ones continue from their latest checkpoints, and
+        the searcher continues from the state Tune saved with the experiment (a model-based one knows the trials
+        so far, and suggests new ones).
         An experiment found there without `resume` is restored too: run folders are never reused, so it can only
         be this run's, left by an earlier attempt of the same train task (Ray retries a task whose worker died).
 
@@ -67,9 +82,17 @@ def train(
       The best trial's checkpoint and a summary of every trial.
 
     Raises:
+      BadInputError: the base trial cannot open this search (stages.train_settings.base_trial_problem).
       TrainingError: no trial produced a checkpoint, or SIGTERM stopped the experiment before it finished.
       StorageError: the storage path's disk is full.
     """
+    problem = base_trial_problem(settings, base)
+    if problem is not None:
+        raise BadInputError(f"train.{problem}")
+    unrepeatable = unrepeatable_because(settings, _concurrent_trials(settings))
+    if unrepeatable is not None:
+        log.warning("train: %s", unrepeatable)
+    seed_driver(seed)
     trainable = tune.with_parameters(
         run_trial,
         train_data=train_data,
@@ -90,10 +113,12 @@ def train(
         else:  # this task runs again after its worker died (Ray's retry): the experiment goes on, not anew
             log.warning("train: restoring the Tune experiment in %s, which an earlier attempt of this train task "
                         "left (its worker died)", experiment)
+        # Tune restores the searcher (its state files in the experiment folder), the stopper (in the experiment
+        # state) and the settings the experiment began with (tuner.pkl); the scheduler starts again from them.
         tuner = tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
-        return _summarize(_fit(tuner, storage_path), storage_path, experiment)
+        return _summarize(_fit(tuner, storage_path), storage_path, experiment, experiment)
     tuner = tune.Tuner(
         trainable,
         param_space=settings.param_space(base),
@@ -101,18 +126,13 @@ def train(
             metric=METRIC,
             mode=MODE,
             num_samples=settings.num_samples,
-            scheduler=_scheduler(settings),
-            # the limit goes to the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a warning)
-            # once a search generator is passed
-            search_alg=BasicVariantGenerator(
-                points_to_evaluate=[base.model_dump()] if settings.include_base_trial else None,
-                max_concurrent=settings.max_concurrent_trials or 0,
-                random_state=seed,
-            ),
+            scheduler=make_scheduler(settings),
+            search_alg=make_searcher(settings, base, seed),  # it limits the trials at once itself
         ),
         run_config=tune.RunConfig(
             name=experiment_name,
             storage_path=storage_path,
+            stop=_stopper(settings, experiment),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=settings.checkpoints_to_keep,
                 checkpoint_score_attribute=METRIC,
@@ -124,7 +144,31 @@ def train(
         ),
     )
     results = _fit(tuner, storage_path)
-    return _summarize(results, storage_path, results.experiment_path)
+    return _summarize(results, storage_path, results.experiment_path, experiment)
+
+
+def _concurrent_trials(settings: TrainSettings) -> int:
+    """How many trials can run at once: max_concurrent_trials, or as many as the cluster's CPUs and GPUs hold."""
+    if settings.max_concurrent_trials:
+        return settings.max_concurrent_trials
+    import ray
+
+    # before Ray starts, Tune would start a local one with this machine's CPUs
+    resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": float(os.cpu_count() or 1)}
+    fits = [resources.get("CPU", 0.0) / settings.cpus_per_trial]
+    if settings.gpus_per_trial > 0:
+        fits.append(resources.get("GPU", 0.0) / settings.gpus_per_trial)
+    return max(1, math.floor(min(fits)))
+
+
+def _stopper(settings: TrainSettings, experiment: str) -> SearchStopper | None:
+    if settings.target_val_accuracy is None and settings.time_budget_s is None:
+        return None
+    return SearchStopper(
+        target_val_accuracy=settings.target_val_accuracy,
+        time_budget_s=settings.time_budget_s,
+        reason_file=storage.join(experiment, STOP_REASON_FILE),
+    )
 
 
 def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:
@@ -144,12 +188,18 @@ def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:
     return results
 
 
-def _summarize(results: tune.ResultGrid, storage_path: str, experiment_path: str) -> TuneOutcome:
+def _summarize(results: tune.ResultGrid, storage_path: str, experiment_path: str, experiment: str) -> TuneOutcome:
+    """The outcome, with why the search ended early (`experiment`: the experiment folder as stages.storage names it;
+    `experiment_path`: as Tune does)."""
+    stop_reason = read_stop_reason(experiment)
     try:
-        return summarize(results, experiment_path=experiment_path)
-    except TrainingError as error:  # every trial failed: because the disk is full?
+        outcome = summarize(results, experiment_path=experiment_path)
+    except TrainingError as error:  # every trial failed: because the disk is full? Or stopped before a checkpoint?
         _raise_if_disk_full(storage_path, error)
+        if stop_reason is not None:
+            raise TrainingError(f"the search ended early ({stop_reason}): {error}") from error
         raise
+    return dataclasses.replace(outcome, stop_reason=stop_reason)
 
 
 def _raise_if_disk_full(storage_path: str, error: BaseException) -> None:
@@ -200,7 +250,8 @@ def load_outcome(experiment_path: str) -> TuneOutcome:
     """The outcome of a finished experiment, read back from its folder (a run resumed after training)."""
     _check_owner(experiment_path)
     analysis = tune.ExperimentAnalysis(experiment_path, default_metric=METRIC, default_mode=MODE)
-    return summarize(tune.ResultGrid(analysis), experiment_path=experiment_path)
+    outcome = summarize(tune.ResultGrid(analysis), experiment_path=experiment_path)
+    return dataclasses.replace(outcome, stop_reason=read_stop_reason(experiment_path))
 
 
 def _check_owner(experiment_path: str) -> None:
@@ -210,17 +261,6 @@ def _check_owner(experiment_path: str) -> None:
     state = os.path.join(experiment_path, "tuner.pkl")
     if os.path.exists(state) and os.stat(state).st_uid != os.getuid():
         raise BadInputError(f"{state} belongs to another user; not restoring an experiment from it")
-
-
-def _scheduler(settings: TrainSettings):
-    if settings.scheduler == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=settings.epochs,
-        grace_period=min(settings.grace_period, settings.epochs),
-        reduction_factor=settings.reduction_factor,
-    )
 
 
 def _one_line(error: BaseException) -> str:

@@ -8,7 +8,8 @@ A search space is written in YAML as `hyperparameter: {kind: arguments}`:
     batch_size: {choice: [64, 128, 256]}            # sampled at random
     optimizer: {grid: [adam, adamw]}                # every value, times num_samples
 
-Every name must be a field of `Hyperparameters`, and every value one that field accepts.
+Every name must be a field of `Hyperparameters`, and every value one that field accepts. Only the `random` searcher
+takes `grid` entries; the model-based ones (optuna, hyperopt, bohb) sample every entry from their own model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from stages.redact import redact
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 MAX_VALUES = 1000  # of a choice or grid: more is a typo or generated, and a grid multiplies the trials
 MAX_TRIALS = 10000  # num_samples times the size of every grid: Tune creates every trial up front
+MAX_BUDGET_S = 30 * 86400  # a time budget is for a search someone waits for: more is a typo (minutes for seconds)
+MODEL_BASED = ("optuna", "hyperopt", "bohb")  # searchers that suggest each trial from the results before it
+SEARCHER_NAMES = {"optuna": "Optuna's TPE", "hyperopt": "HyperOpt's TPE", "bohb": "BOHB"}
 
 
 class Distribution(BaseModel):
@@ -71,6 +75,14 @@ class Distribution(BaseModel):
             raise ValueError(f"loguniform needs low > 0, got {clip(low)}")
         return self
 
+    def is_mutable(self) -> bool:
+        """Whether the distribution holds more than one value (what PBT can move a trial between)."""
+        if self.kind in ("choice", "grid"):
+            return len(self.args) > 1
+        if self.kind == "randint":
+            return self.args[1] - self.args[0] > 1
+        return True
+
     def extremes(self) -> tuple[Any, ...]:
         """The values that stand for the whole distribution when checking it against a hyperparameter's range."""
         if self.kind == "randint":
@@ -94,7 +106,9 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    epochs: int = Field(10, ge=1, le=1000, description="epochs per trial at most (ASHA may stop a trial earlier)")
+    epochs: int = Field(
+        10, ge=1, le=1000, description="epochs per trial at most (asha, hyperband and bohb may stop a trial earlier)"
+    )
     num_samples: int = Field(8, ge=1, le=10000, description="trials to sample (times the size of any grid)")
     max_concurrent_trials: int | None = Field(
         None, ge=1, le=MAX_TRIALS, description="trials running at once; null: as many as the cluster's CPUs/GPUs allow"
@@ -102,11 +116,32 @@ class TrainSettings(BaseModel):
     cpus_per_trial: Real = Field(1.0, gt=0, le=1024, description="CPUs reserved by each trial; TF uses that many")
     gpus_per_trial: Real = Field(0.0, ge=0, le=64, description="GPUs per trial; fractions share a GPU")
     mixed_precision: bool = Field(False, description="train in float16 with float32 master weights (GPUs only)")
-    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo runs all")
+    searcher: Literal["random", "optuna", "hyperopt", "bohb"] = Field(
+        "random",
+        description="random: Tune's random sampling, grid entries expanded; optuna, hyperopt: TPE, each trial "
+        "suggested from the results before it; bohb: BOHB (with scheduler bohb)",
+    )
+    scheduler: Literal["asha", "fifo", "hyperband", "bohb", "pbt"] = Field(
+        "asha",
+        description="asha: stop weak trials early; fifo: run all; hyperband: synchronous successive halving; "
+        "bohb: HyperBand for searcher bohb; pbt: population based training",
+    )
     grace_period: int = Field(2, ge=1, le=1000, description="asha: epochs every trial gets before it may be stopped")
     # ASHA makes log(epochs / grace_period) / log(reduction_factor) rungs: a factor near 1 makes billions
     reduction_factor: Real = Field(
-        2.0, ge=1.1, le=100, description="asha: 1/reduction_factor of trials go on at each rung"
+        2.0, ge=1.1, le=100, description="asha, hyperband, bohb: 1/reduction_factor of trials go on at each rung"
+    )
+    pbt_interval: int = Field(
+        2, ge=1, le=1000,
+        description="pbt: epochs between perturbations (the weakest trials continue from a copy of a strong one's "
+        "checkpoint, its hyperparameters perturbed)",
+    )
+    target_val_accuracy: Real | None = Field(
+        None, gt=0, le=1, description="end the whole search once any trial reaches this val_accuracy; null: no target"
+    )
+    time_budget_s: Real | None = Field(
+        None, gt=0, le=MAX_BUDGET_S,
+        description="end the whole search this many seconds after it started (in this attempt); null: no budget",
     )
     # each kept checkpoint is a copy of the model in the run folder, per trial
     checkpoints_to_keep: int = Field(2, ge=1, le=100, description="best checkpoints kept per trial (plus the latest)")
@@ -152,20 +187,139 @@ class TrainSettings(BaseModel):
                     raise ValueError(f"{name}: {clip(value)} is not allowed: {problem}{hint}") from None
         return space
 
+    @property
+    def trial_count(self) -> int:
+        """How many trials the search runs: num_samples times the size of every grid."""
+        grids = [len(spec.args) for spec in self.search_space.values() if spec.kind == "grid"]
+        return self.num_samples * math.prod(grids)
+
     @model_validator(mode="after")
     def _trials_are_bounded(self) -> "TrainSettings":
-        grids = [len(spec.args) for spec in self.search_space.values() if spec.kind == "grid"]
-        trials = self.num_samples * math.prod(grids)
-        if trials > MAX_TRIALS:
-            sizes = "".join(f" x {size}" for size in grids)
+        if self.trial_count > MAX_TRIALS:
+            sizes = "".join(f" x {len(spec.args)}" for spec in self.search_space.values() if spec.kind == "grid")
             raise ValueError(
-                f"num_samples: {self.num_samples}{sizes} (grid sizes) makes {trials} trials; at most {MAX_TRIALS}"
+                f"num_samples: {self.num_samples}{sizes} (grid sizes) makes {self.trial_count} trials; "
+                f"at most {MAX_TRIALS}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _searcher_fits(self) -> "TrainSettings":
+        """Refuses a searcher with what it cannot take, rather than letting Tune fail later or ignore a setting."""
+        grids = [name for name, spec in self.search_space.items() if spec.kind == "grid"]
+        if self.searcher != "random" and grids:
+            raise ValueError(
+                f"searcher: {self.searcher} cannot take grid entries (search_space.{grids[0]}): only searcher random "
+                "expands grids; use choice"
+            )
+        if self.searcher in MODEL_BASED and not self.search_space:
+            raise ValueError(
+                f"searcher: {self.searcher} needs at least one search_space entry to search; with none, every trial "
+                "is the base trial (use searcher random)"
+            )
+        if self.searcher == "bohb" and self.scheduler != "bohb":
+            raise ValueError(f"searcher: bohb needs scheduler bohb (its brackets give BOHB its budgets), "
+                             f"got scheduler {self.scheduler}")
+        if self.scheduler == "bohb" and self.searcher != "bohb":
+            raise ValueError(f"scheduler: bohb works only with searcher bohb, got searcher {self.searcher}")
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_fits(self) -> "TrainSettings":
+        """Refuses a scheduler setting that would do nothing, or not what it says."""
+        if self.scheduler == "pbt":
+            if self.searcher != "random":
+                raise ValueError(
+                    f"scheduler: pbt takes its population from searcher random (Tune refuses other searchers with "
+                    f"PBT), got searcher {self.searcher}"
+                )
+            if not any(spec.is_mutable() for spec in self.search_space.values()):
+                raise ValueError("scheduler: pbt needs a search_space entry with more than one value to perturb, "
+                                 "and there is none")
+            if self.trial_count < 2:
+                raise ValueError("scheduler: pbt needs a population of at least 2 trials (num_samples times any grid), "
+                                 f"got {self.trial_count}")
+            if self.pbt_interval >= self.epochs:
+                raise ValueError(f"pbt_interval: {self.pbt_interval} is not below epochs ({self.epochs}): PBT would "
+                                 "never perturb a trial")
+        limit = self.max_concurrent_trials
+        if self.scheduler in ("hyperband", "pbt") and limit is not None and limit < self.trial_count:
+            raise ValueError(
+                f"max_concurrent_trials: {limit} is below the {self.trial_count} trials, and scheduler "
+                f"{self.scheduler} pauses trials until the others catch up while paused trials keep their slots: "
+                f"leave it null (the cluster's CPUs and GPUs then limit the trials at once) or set it to "
+                f"{self.trial_count} or more"
             )
         return self
 
     def param_space(self, base: Hyperparameters) -> dict:
         """Tune's param_space: the base hyperparameters with the searched ones replaced by distributions."""
         return {**base.model_dump(), **{name: spec.to_tune() for name, spec in self.search_space.items()}}
+
+
+def base_trial_problem(settings: TrainSettings, base: Hyperparameters) -> str | None:
+    """Why the base trial cannot open this search, or None.
+
+    Optuna and HyperOpt take the base trial as their first point, and their models have no place for a value of a
+    `choice` entry outside its choices. Values outside a uniform, loguniform or randint range are fine for them, and
+    BOHB (stages.search_algorithms) and the random searcher run any point.
+
+    Returns:
+      One line starting with the setting to change ("include_base_trial: ..."), or None.
+    """
+    if not settings.include_base_trial or settings.searcher not in ("optuna", "hyperopt"):
+        return None
+    for name, spec in settings.search_space.items():
+        value = getattr(base, name)
+        if spec.kind == "choice" and not any(type(value) is type(c) and value == c for c in spec.args):
+            return (
+                f"include_base_trial: searcher {settings.searcher} starts from the model section's values, and "
+                f"model.{name} ({clip(value)}) is not among search_space.{name}'s choices: add it to them, or set "
+                "include_base_trial: false"
+            )
+    return None
+
+
+def unrepeatable_because(settings: TrainSettings, concurrent_trials: int) -> str | None:
+    """Why this search cannot be repeated exactly from the same run.seed, in one sentence naming the repeatable
+    alternative; None when it can be (given trials that are themselves deterministic).
+
+    Args:
+      settings: the train section.
+      concurrent_trials: how many trials can run at once: max_concurrent_trials, or what the cluster's CPUs and GPUs
+        allow. A search with fewer trials than that runs them all at once.
+
+    What stays repeatable at any concurrency: the random searcher's samples (seeded), fifo, hyperband and bohb's
+    brackets (synchronous: each rung is decided once all its trials reported) and pbt (run synchronously, its random
+    draws seeded in the Tune driver).
+    """
+    at_once = min(concurrent_trials, settings.trial_count)
+    reasons = []
+    if at_once > 1:
+        if settings.scheduler == "asha":
+            reasons.append(
+                f"ASHA compares each trial with those that reached the same epoch before it, and with {at_once} "
+                "trials at once which one reports first varies (scheduler hyperband or fifo, or "
+                "max_concurrent_trials: 1, repeat exactly)"
+            )
+        if settings.searcher in MODEL_BASED:
+            reasons.append(
+                f"{SEARCHER_NAMES[settings.searcher]} suggests each trial from the results that arrived before it, and "
+                f"with {at_once} trials at once their order varies (max_concurrent_trials: 1 repeats exactly)"
+            )
+        if settings.target_val_accuracy is not None:
+            reasons.append(
+                "how far the other trials got when one reaches target_val_accuracy depends on their speed "
+                "(max_concurrent_trials: 1 repeats exactly)"
+            )
+    if settings.time_budget_s is not None:
+        reasons.append(
+            "where time_budget_s falls depends on the machine's speed and load (time_budget_s: null, with "
+            "num_samples or target_val_accuracy to bound the search, repeats exactly)"
+        )
+    if not reasons:
+        return None
+    return "this search cannot be repeated exactly from run.seed: " + "; and ".join(reasons) + "."
 
 
 def did_you_mean(name: str, candidates) -> str:

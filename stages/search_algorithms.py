@@ -1,0 +1,205 @@
+"""How a Tune experiment searches, built from TrainSettings: the searcher that suggests each trial's hyperparameters,
+the scheduler that stops, pauses or perturbs trials, and the stopper that ends the whole search early.
+
+Seeds: the random searcher samples from `seed`; Optuna's TPE sampler, HyperOpt and BOHB's ConfigSpace are seeded
+with it; BOHB's model (hpbandster) and PBT's perturbations draw from NumPy's and Python's global generators, which
+`seed_driver` seeds in the process running Tune. ASHA, HyperBand and FIFO draw nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+from ray import tune
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandForBOHB,
+    HyperBandScheduler,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
+from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from stages import storage
+from stages.hyperparameters import Hyperparameters
+from stages.train_settings import Distribution, TrainSettings
+from stages.tune_results import METRIC
+
+log = logging.getLogger(__name__)
+
+# Schedulers count epochs, which every result reports and which go on from a checkpoint's epoch when a trial resumes
+# (after a pause, a PBT exploit, a retry); Tune's training_iteration counts the trial's reports instead.
+TIME_ATTR = "epoch"
+STOP_REASON_FILE = "stop_reason.json"  # in the experiment folder: why the search ended early, for a later resume
+MAX_REASON = 500  # characters of a stop reason read back
+# Tune registers the checkpoint a trial reports in a second exchange with the trial, after the result; ending the
+# search in between loses it (Tune drops the exchange). A search ends once no result came for this long.
+QUIET_S = 1.0
+
+
+def seed_driver(seed: int) -> None:
+    """Seeds the global generators that Tune's PBT (Python's `random`, and NumPy's when it resamples) and BOHB's
+    model (NumPy's) draw from, in the process that runs Tune's loop. Trials run in their own processes."""
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_searcher(settings: TrainSettings, base: Hyperparameters, seed: int) -> SearchAlgorithm | Searcher:
+    """The searcher, limited to settings.max_concurrent_trials trials at once when that is set.
+
+    The base trial (settings.include_base_trial) is the searcher's first point: the whole `model` section for the
+    random searcher; for the model-based ones, the base's values of the searched hyperparameters (the others are the
+    same constants in every trial).
+    """
+    limit = settings.max_concurrent_trials
+    if settings.searcher == "random":
+        # the limit goes to the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a warning) once
+        # a search algorithm is passed
+        return BasicVariantGenerator(
+            points_to_evaluate=[base.model_dump()] if settings.include_base_trial else None,
+            max_concurrent=limit or 0,
+            random_state=seed,
+        )
+    points = [{name: getattr(base, name) for name in settings.search_space}] if settings.include_base_trial else None
+    searcher: Searcher
+    if settings.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(points_to_evaluate=points, seed=seed)  # TPE, seeded
+    elif settings.searcher == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(points_to_evaluate=points, random_state_seed=seed)
+    else:
+        from stages.bohb_search import BOHBSearch  # imports ConfigSpace and hpbandster: seconds
+
+        searcher = BOHBSearch(points_to_evaluate=points, seed=seed)
+    # BOHB takes the limit itself (ConcurrencyLimiter hands it over): it counts running trials only, so that trials
+    # HyperBand paused at a rung do not keep the others of their bracket from starting
+    return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+
+
+def make_scheduler(settings: TrainSettings) -> TrialScheduler:
+    """The trial scheduler: its grace period, reduction factor and interval count epochs."""
+    epochs = settings.epochs
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    if settings.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr=TIME_ATTR,
+            max_t=epochs,
+            grace_period=min(settings.grace_period, epochs),
+            reduction_factor=settings.reduction_factor,
+        )
+    if settings.scheduler == "hyperband":  # synchronous: a rung is decided once every trial of its bracket reached it
+        return HyperBandScheduler(time_attr=TIME_ATTR, max_t=epochs, reduction_factor=settings.reduction_factor)
+    if settings.scheduler == "bohb":
+        return HyperBandForBOHB(time_attr=TIME_ATTR, max_t=epochs, reduction_factor=settings.reduction_factor)
+    space = {name: spec for name, spec in settings.search_space.items() if spec.is_mutable()}
+    return PopulationBasedTraining(
+        time_attr=TIME_ATTR,
+        perturbation_interval=settings.pbt_interval,
+        hyperparam_mutations={name: _mutation(spec) for name, spec in space.items()},
+        custom_explore_fn=KeepInSpace(space),
+        # synchronous: every trial reaches the interval before the weakest copy the strongest, so which trials
+        # exploit which depends on their results only, not on which reported first
+        synch=True,
+    )
+
+
+def _mutation(spec: Distribution) -> Any:
+    """What PBT perturbs a hyperparameter within: the values of a choice or grid (a perturbation moves to a
+    neighbour), or the distribution (a perturbation multiplies by 0.8 or 1.2, a resample draws anew)."""
+    return list(spec.args) if spec.kind in ("choice", "grid") else spec.to_tune()
+
+
+class KeepInSpace:
+    """PBT's custom_explore_fn: a value that a perturbation took out of its search_space range (x1.2 at the upper
+    bound, say) goes back to the bound, so every trial's hyperparameters stay in the space (which was checked against
+    what Hyperparameters accepts). A class rather than a closure: Tune pickles it with the experiment."""
+
+    def __init__(self, space: dict[str, Distribution]) -> None:
+        self.bounds: dict[str, tuple[Any, Any]] = {}
+        for name, spec in space.items():
+            if spec.kind == "randint":
+                self.bounds[name] = (spec.args[0], spec.args[1] - 1)
+            elif spec.kind in ("uniform", "loguniform"):
+                self.bounds[name] = (float(spec.args[0]), float(spec.args[1]))
+
+    def __call__(self, config: dict) -> dict:
+        for name, (low, high) in self.bounds.items():
+            if name in config:
+                config[name] = min(max(config[name], low), high)
+        return config
+
+
+class SearchStopper(tune.Stopper):
+    """Ends the whole search when a trial reports val_accuracy at or above the target, or when the time budget is
+    spent (counted from the search's start in this attempt). Why it stopped is kept here, and written to
+    `reason_file` for whoever reads the experiment later.
+
+    From then on, a trial that reports is stopped there, its checkpoint kept (the one that reached the target first
+    of all). Once no result has come for QUIET_S, Tune stops every trial still running or waiting (their checkpoints
+    so far stay) and asks the searcher for no more.
+
+    Tune saves the stopper with the experiment's state and a restored experiment uses that copy: a search that ended
+    stays ended, and a restored budget starts counting anew.
+    """
+
+    def __init__(self, *, target_val_accuracy: float | None, time_budget_s: float | None, reason_file: str) -> None:
+        self.target_val_accuracy = target_val_accuracy
+        self.time_budget_s = time_budget_s
+        self.reason_file = reason_file
+        self.reason: str | None = None
+        self._started: float | None = None
+        self._last_result: float | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self._last_result = time.monotonic()
+        if self.reason is None and self.target_val_accuracy is not None:
+            reached = result.get(METRIC)
+            if isinstance(reached, (int, float)) and reached >= self.target_val_accuracy:
+                self._stop(f"target {METRIC} {self.target_val_accuracy:g} reached by trial {trial_id} at epoch "
+                           f"{result.get('epoch')} ({METRIC} {reached:.4f})")
+        return self.reason is not None
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if self._started is None:  # Tune's loop asks before its first step: the search starts now
+            self._started = now
+        if self.reason is None and self.time_budget_s is not None and now - self._started >= self.time_budget_s:
+            self._stop(f"time budget of {self.time_budget_s:g} s spent")
+        return self.reason is not None and (self._last_result is None or now - self._last_result >= QUIET_S)
+
+    def _stop(self, reason: str) -> None:
+        self.reason = reason
+        log.warning("train: ending the search: %s", reason)
+        try:
+            storage.write_json(self.reason_file, {"reason": reason})
+        except Exception as error:  # the search still ends; only a later resume would not know why
+            log.warning("train: cannot record why the search ended in %s: %s", self.reason_file, error)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._started = self._last_result = None  # monotonic times of another process
+
+
+def read_stop_reason(experiment_path: str) -> str | None:
+    """Why the experiment's search ended early, as SearchStopper recorded it; None when it did not (or it cannot be
+    read: the reason is for people, nothing depends on it)."""
+    location = storage.join(experiment_path, STOP_REASON_FILE)
+    try:
+        if not storage.exists(location):
+            return None
+        reason = json.loads(storage.read_bytes(location))["reason"]
+    except Exception as error:
+        log.warning("train: cannot read why the search ended from %s: %s", location, error)
+        return None
+    return reason[:MAX_REASON] if isinstance(reason, str) else None
