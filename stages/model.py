@@ -1,21 +1,36 @@
-"""The classic MNIST convolutional network, built from a trial's hyperparameters."""
+"""The classic MNIST convolutional network, built from a trial's hyperparameters.
+
+The defaults build exactly the classic CNN. The other settings add to it: batch normalization, label smoothing,
+learning-rate schedules with a warm-up, and light data augmentation by Keras preprocessing layers, which act only
+in training (inference, export and evaluate see the images as they are).
+
+The one-cycle schedule and the label-smoothing loss are our own Keras objects, registered under the package
+`mnist_pipeline`: a model saved with its optimizer loads (`keras.models.load_model(..., safe_mode=True)`) in any
+process that imported this module, and its schedule goes on from the saved iteration.
+"""
 
 from __future__ import annotations
 
+import math
+
 import keras
-from keras import layers
+from keras import layers, ops
 
 from stages.hyperparameters import Hyperparameters
 from stages.idx import IMAGE_SHAPE, NUM_CLASSES
+
+PACKAGE = "mnist_pipeline"  # the prefix of our registered Keras objects' names in saved models
+ONE_CYCLE_DIV_FACTOR = 25.0  # one_cycle starts at learning_rate / 25 (PyTorch's OneCycleLR default)
+ONE_CYCLE_FINAL_DIV_FACTOR = 1e4  # and ends at learning_rate / 25 / 1e4 (ditto)
 
 
 def build_model(hp: Hyperparameters, *, decay_steps: int | None = None) -> keras.Model:
     """conv 5x5x32 → maxpool → conv 5x5x64 → maxpool → dense 1024 → dense 10, compiled.
 
     Args:
-      hp: the trial's hyperparameters (filters, units, dropout, optimizer...).
-      decay_steps: training steps over which a cosine schedule decays to zero; needed when hp.lr_schedule is
-        "cosine".
+      hp: the trial's hyperparameters (filters, units, dropout, optimizer, schedule, augmentation...).
+      decay_steps: the training's total steps, over which a schedule other than "constant" runs its course;
+        needed unless hp.lr_schedule is "constant".
 
     Returns:
       A compiled model taking uint8 images of shape (n, 28, 28) and returning class probabilities.
@@ -23,31 +38,65 @@ def build_model(hp: Hyperparameters, *, decay_steps: int | None = None) -> keras
     inputs = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
     x = layers.Rescaling(1.0 / 255)(inputs)  # scaling lives in the model, so data stays uint8 everywhere else
     x = layers.Reshape((*IMAGE_SHAPE, 1))(x)
-    x = layers.Conv2D(hp.conv1_filters, hp.kernel_size, padding="same", activation="relu")(x)
+    for augment in augmentation_layers(hp):
+        x = augment(x)
+    x = _with_relu(x, layers.Conv2D, hp.conv1_filters, hp.kernel_size, padding="same", batch_norm=hp.batch_norm)
     x = layers.MaxPooling2D(2)(x)
-    x = layers.Conv2D(hp.conv2_filters, hp.kernel_size, padding="same", activation="relu")(x)
+    x = _with_relu(x, layers.Conv2D, hp.conv2_filters, hp.kernel_size, padding="same", batch_norm=hp.batch_norm)
     x = layers.MaxPooling2D(2)(x)
     x = layers.Flatten()(x)
     x = layers.Dropout(hp.dropout)(x)
-    x = layers.Dense(hp.dense_units, activation="relu")(x)
+    x = _with_relu(x, layers.Dense, hp.dense_units, batch_norm=hp.batch_norm)
     x = layers.Dropout(hp.dropout)(x)
     # float32 output keeps the loss stable under a mixed-precision policy
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name="mnist_cnn")
     model.compile(
         optimizer=make_optimizer(hp, decay_steps=decay_steps),
-        loss="sparse_categorical_crossentropy",
+        loss=make_loss(hp),
         metrics=["accuracy"],
     )
     return model
 
 
+def _with_relu(x, layer_class, *args, batch_norm: bool, **kwargs):
+    """`layer_class(*args, activation="relu")` applied to x; with batch_norm, the layer without its bias (the
+    normalization's offset takes its place), then BatchNormalization, then the ReLU."""
+    if not batch_norm:
+        return layer_class(*args, activation="relu", **kwargs)(x)
+    x = layer_class(*args, use_bias=False, **kwargs)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x)
+
+
+def augmentation_layers(hp: Hyperparameters) -> list[keras.layers.Layer]:
+    """The random transformations of training images the hyperparameters ask for; none for a setting of 0.
+
+    Keras's random layers transform only when called with training=True, and draw their seeds from Keras's global
+    random state: after `keras.utils.set_random_seed`, a build and its training repeat exactly. What a transform
+    moves in from outside the image is black (0), like MNIST's background.
+    """
+    fill = {"fill_mode": "constant", "fill_value": 0.0}
+    augment = []
+    if hp.augment_rotation:
+        augment.append(layers.RandomRotation(hp.augment_rotation / 360, **fill, name="augment_rotation"))
+    if hp.augment_zoom:
+        augment.append(layers.RandomZoom(hp.augment_zoom, **fill, name="augment_zoom"))
+    if hp.augment_shift:
+        augment.append(layers.RandomTranslation(hp.augment_shift, hp.augment_shift, **fill, name="augment_shift"))
+    return augment
+
+
+def make_loss(hp: Hyperparameters) -> str | keras.losses.Loss:
+    """Cross-entropy against the sparse labels, smoothed when hp.label_smoothing is not 0."""
+    if not hp.label_smoothing:
+        return "sparse_categorical_crossentropy"
+    return SparseCategoricalCrossentropyWithSmoothing(label_smoothing=hp.label_smoothing)
+
+
 def make_optimizer(hp: Hyperparameters, *, decay_steps: int | None = None) -> keras.optimizers.Optimizer:
-    learning_rate = hp.learning_rate
-    if hp.lr_schedule == "cosine":
-        if not decay_steps:
-            raise ValueError("a cosine learning-rate schedule needs decay_steps")
-        learning_rate = keras.optimizers.schedules.CosineDecay(hp.learning_rate, decay_steps)
+    """The optimizer hp names, at hp's learning rate or schedule, with hp's decoupled weight decay."""
+    learning_rate = make_learning_rate(hp, decay_steps=decay_steps)
     weight_decay = hp.weight_decay or None
     if hp.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
@@ -56,3 +105,106 @@ def make_optimizer(hp: Hyperparameters, *, decay_steps: int | None = None) -> ke
     if hp.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate, weight_decay=weight_decay)
     return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def make_learning_rate(
+    hp: Hyperparameters, *, decay_steps: int | None = None
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """hp.learning_rate itself, or the schedule hp.lr_schedule names over `decay_steps` training steps.
+
+    Each schedule is a function of the optimizer's iteration counter, so a model loaded from a checkpoint goes on
+    where it stopped; past decay_steps it keeps its final rate.
+    """
+    if hp.lr_schedule == "constant":
+        return hp.learning_rate
+    if not decay_steps:
+        raise ValueError(f"a {hp.lr_schedule} learning-rate schedule needs decay_steps (the training's total steps)")
+    if hp.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(hp.learning_rate, decay_steps)
+    warmup_steps = round(hp.warmup_fraction * decay_steps)  # at most half of decay_steps: the decay keeps >= 1 step
+    if hp.lr_schedule == "warmup_cosine":
+        # CosineDecay's decay_steps count from the end of its warm-up
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps - warmup_steps, warmup_target=hp.learning_rate, warmup_steps=warmup_steps
+        )
+    return OneCycle(hp.learning_rate, decay_steps, warmup_steps)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Smith's 1cycle learning rate, as PyTorch's OneCycleLR with cosine annealing (without its momentum cycle).
+
+    Cosine from max_learning_rate / div_factor up to max_learning_rate over the first warmup_steps, then cosine down
+    to max_learning_rate / div_factor / final_div_factor at total_steps, where it stays.
+    """
+
+    def __init__(
+        self,
+        max_learning_rate: float,
+        total_steps: int,
+        warmup_steps: int,
+        div_factor: float = ONE_CYCLE_DIV_FACTOR,
+        final_div_factor: float = ONE_CYCLE_FINAL_DIV_FACTOR,
+    ) -> None:
+        super().__init__()
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"OneCycle needs 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
+        self.max_learning_rate = max_learning_rate
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.div_factor = div_factor
+        self.final_div_factor = final_div_factor
+
+    def __call__(self, step):
+        initial = self.max_learning_rate / self.div_factor
+        final = initial / self.final_div_factor
+        step = ops.minimum(ops.cast(step, "float32"), float(self.total_steps))
+        rising = _cosine_between(initial, self.max_learning_rate, step / max(self.warmup_steps, 1))
+        falling = _cosine_between(
+            self.max_learning_rate, final, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        )
+        return ops.where(step < self.warmup_steps, rising, falling)
+
+    def get_config(self) -> dict:
+        return {
+            "max_learning_rate": self.max_learning_rate,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "div_factor": self.div_factor,
+            "final_div_factor": self.final_div_factor,
+        }
+
+
+def _cosine_between(start: float, end: float, fraction):
+    """From start (fraction 0) to end (fraction 1) along half a cosine wave, as PyTorch's cosine annealing."""
+    return end + (start - end) / 2 * (ops.cos(math.pi * fraction) + 1)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SparseCategoricalCrossentropyWithSmoothing(keras.losses.Loss):
+    """Cross-entropy of probabilities against integer labels, each label smoothed: the true class gets
+    1 - label_smoothing + label_smoothing / classes, every other class label_smoothing / classes.
+
+    Keras 3's SparseCategoricalCrossentropy has no label_smoothing; this one-hot encodes the labels inside the loss,
+    so the data stays sparse uint8 (and the "accuracy" metric stays the sparse one).
+    """
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        reduction: str = "sum_over_batch_size",
+        name: str = "sparse_categorical_crossentropy_with_smoothing",
+        dtype=None,
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        labels = ops.cast(y_true, "int32")
+        if len(labels.shape) == len(y_pred.shape):  # labels shaped (n, 1)
+            labels = ops.squeeze(labels, axis=-1)
+        one_hot = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}

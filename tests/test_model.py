@@ -1,10 +1,52 @@
-"""The classic CNN: its shapes, parameter count and optimizers."""
+"""The CNN: the classic architecture as the default, and what each other hyperparameter adds to it."""
+
+import json
+import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from stages.hyperparameters import Hyperparameters
+from stages.hyperparameters import Hyperparameters, parameter_count, step_bytes
 from stages.model import build_model
+
+TINY = {"conv1_filters": 4, "conv2_filters": 4, "dense_units": 8}  # seconds to train, same layers as the classic
+AUGMENT = {"augment_shift": 0.1, "augment_rotation": 10.0, "augment_zoom": 0.1}
+CLASSIC_LAYERS = [
+    "InputLayer", "Rescaling", "Reshape", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dropout",
+    "Dense", "Dropout", "Dense",
+]
+
+
+@pytest.fixture(scope="module")
+def digits(raw_files):
+    """The first 256 real MNIST training images (uint8, (n, 28, 28)) and their labels."""
+    from stages.idx import read_labeled_images
+
+    images, labels = read_labeled_images(raw_files.train_images, raw_files.train_labels)
+    return images[:256].copy(), labels[:256].copy()
+
+
+def kinds(model) -> list[str]:
+    return [layer.__class__.__name__ for layer in model.layers]
+
+
+def learning_rate_now(optimizer) -> float:
+    """The optimizer's learning rate at its iteration counter (a schedule's value there)."""
+    from keras import ops
+
+    return float(ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def weights_after_training(hp: Hyperparameters, images, labels, *, seed: int, epochs: int = 1) -> list[np.ndarray]:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(hp, decay_steps=epochs * math.ceil(len(labels) / hp.batch_size))
+    model.fit(images, labels, batch_size=hp.batch_size, epochs=epochs, shuffle=True, verbose=0)
+    return model.get_weights()
 
 
 def test_classic_architecture():
@@ -13,12 +55,19 @@ def test_classic_architecture():
     assert model.output_shape == (None, 10)
     # conv 5x5x1x32 + conv 5x5x32x64 + dense 3136x1024 + dense 1024x10, with biases
     assert model.count_params() == (800 + 32) + (51200 + 64) + (3136 * 1024 + 1024) + (10240 + 10) == 3274634
-    kinds = [layer.__class__.__name__ for layer in model.layers]
-    assert kinds.count("Conv2D") == 2 and kinds.count("MaxPooling2D") == 2 and kinds.count("Dense") == 2
+    assert kinds(model) == CLASSIC_LAYERS  # no batch normalization, no augmentation layer
+    assert all(layer.activation.__name__ == "relu" for layer in model.layers[3:6:2] + [model.layers[9]])
+    assert all(layer.use_bias for layer in model.layers if hasattr(layer, "use_bias"))
+    assert model.layers[8].rate == model.layers[10].rate == 0.0
+    # Adam at a constant 1e-3 without weight decay, plain sparse cross-entropy
+    optimizer = model.optimizer.get_config()
+    assert model.optimizer.__class__.__name__ == "Adam"
+    assert optimizer["learning_rate"] == pytest.approx(1e-3) and optimizer["weight_decay"] is None
+    assert model.loss == "sparse_categorical_crossentropy"
 
 
 def test_uint8_images_in_probabilities_out():
-    model = build_model(Hyperparameters(conv1_filters=4, conv2_filters=4, dense_units=8))
+    model = build_model(Hyperparameters(**TINY))
     probabilities = model.predict(np.full((3, 28, 28), 255, np.uint8), verbose=0)
     assert probabilities.shape == (3, 10)
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
@@ -26,15 +75,220 @@ def test_uint8_images_in_probabilities_out():
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
 def test_every_optimizer_trains_a_step(optimizer):
-    hp = Hyperparameters(conv1_filters=4, conv2_filters=4, dense_units=8, optimizer=optimizer, lr_schedule="cosine")
+    hp = Hyperparameters(**TINY, optimizer=optimizer, lr_schedule="cosine")
     model = build_model(hp, decay_steps=10)
     history = model.fit(np.zeros((8, 28, 28), np.uint8), np.arange(8, dtype=np.uint8), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
 
 
-def test_cosine_schedule_needs_its_length():
+@pytest.mark.parametrize("schedule", ["cosine", "warmup_cosine", "one_cycle"])
+def test_a_schedule_needs_its_length(schedule):
     with pytest.raises(ValueError, match="decay_steps"):
-        build_model(Hyperparameters(lr_schedule="cosine"))
+        build_model(Hyperparameters(lr_schedule=schedule))
+
+
+def _cosine(start, end, fraction):
+    """From start to end along half a cosine wave (PyTorch's cosine annealing)."""
+    return end + (start - end) / 2 * (math.cos(math.pi * fraction) + 1)
+
+
+LR, PEAK = 0.01, 0.01 / 25  # learning_rate, and one_cycle's start
+STEPS = [0, 5, 20, 60, 100, 150]  # start, mid warm-up, end of warm-up (20% of 100), mid decay, decay_steps, past it
+EXPECTED_RATES = {
+    "constant": [LR] * 6,
+    "cosine": [LR, _cosine(LR, 0, 0.05), _cosine(LR, 0, 0.2), _cosine(LR, 0, 0.6), 0.0, 0.0],
+    "warmup_cosine": [0.0, LR / 4, LR, LR / 2, 0.0, 0.0],  # linear up over 20 steps, cosine down over the other 80
+    "one_cycle": [PEAK, _cosine(PEAK, LR, 0.25), LR, _cosine(LR, PEAK / 1e4, 0.5), PEAK / 1e4, PEAK / 1e4],
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(EXPECTED_RATES))
+def test_learning_rate_follows_the_schedule_of_the_optimizers_iterations(schedule):
+    # warmup_fraction 0.2, not the default 0.1, and 100 steps: ignoring either moves the peak or the end
+    hp = Hyperparameters(**TINY, learning_rate=LR, lr_schedule=schedule, warmup_fraction=0.2)
+    optimizer = build_model(hp, decay_steps=100).optimizer
+    rates = []
+    for step in STEPS:
+        optimizer.iterations.assign(step)
+        rates.append(learning_rate_now(optimizer))
+    np.testing.assert_allclose(rates, EXPECTED_RATES[schedule], rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "one_cycle"])
+def test_a_saved_model_goes_on_with_its_schedule_its_loss_and_its_state(schedule, digits, tmp_path):
+    import keras
+
+    images, labels = digits[0][:32], digits[1][:32]
+    hp = Hyperparameters(
+        **TINY, lr_schedule=schedule, warmup_fraction=0.5, label_smoothing=0.1, batch_norm=True, batch_size=8
+    )
+    keras.utils.set_random_seed(0)
+    model = build_model(hp, decay_steps=10)  # warm-up 5 steps
+    model.fit(images, labels, batch_size=8, shuffle=False, verbose=0)  # 4 steps: still warming up
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+
+    assert int(loaded.optimizer.iterations) == 4
+    rate = learning_rate_now(loaded.optimizer)
+    assert rate == pytest.approx(learning_rate_now(model.optimizer))
+    loaded.optimizer.iterations.assign(0)
+    assert learning_rate_now(loaded.optimizer) < rate / 2  # the position, not just the schedule
+    loaded.optimizer.iterations.assign(4)
+    assert loaded.loss.get_config() == model.loss.get_config()
+    # one more epoch from the same state gives the same weights
+    model.fit(images, labels, batch_size=8, shuffle=False, verbose=0)
+    loaded.fit(images, labels, batch_size=8, shuffle=False, verbose=0)
+    for kept, resumed in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_allclose(resumed, kept, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_loads_in_a_fresh_process_that_imported_the_model_module(digits, tmp_path):
+    images, labels = digits[0][:16], digits[1][:16]
+    hp = Hyperparameters(**TINY, lr_schedule="one_cycle", label_smoothing=0.2, batch_size=8)
+    model = build_model(hp, decay_steps=10)
+    model.fit(images, labels, batch_size=8, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "batch.npz", images=images, labels=labels)
+    script = """
+import json, sys
+import keras, numpy as np
+import stages.model  # registers our schedule and loss, as stages.trial does before it restores a checkpoint
+model = keras.models.load_model(sys.argv[1] + "/model.keras", safe_mode=True)
+before = int(model.optimizer.iterations), float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+batch = np.load(sys.argv[1] + "/batch.npz")
+model.fit(batch["images"], batch["labels"], batch_size=8, verbose=0)
+print(json.dumps({"before": before, "after": int(model.optimizer.iterations), "loss": type(model.loss).__name__,
+                  "smoothing": model.loss.label_smoothing, "schedule": type(model.optimizer._learning_rate).__name__}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["before"] == [2, pytest.approx(learning_rate_now(model.optimizer))]
+    assert report["after"] == 4
+    assert report["loss"] == "SparseCategoricalCrossentropyWithSmoothing" and report["smoothing"] == 0.2
+    assert report["schedule"] == "OneCycle"
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
+def test_weight_decay_reaches_the_optimizer_and_shrinks_the_weights(optimizer, digits):
+    import keras
+
+    images, labels = digits[0][:16], digits[1][:16]
+    models = {}
+    for decay in (0.0, 0.1):
+        keras.utils.set_random_seed(0)
+        hp = Hyperparameters(**TINY, optimizer=optimizer, learning_rate=0.01, weight_decay=decay)
+        models[decay] = build_model(hp)
+    assert models[0.1].optimizer.weight_decay == pytest.approx(0.1)
+    initial = models[0.1].get_weights()
+    for model in models.values():
+        model.train_on_batch(images, labels)
+    # decoupled decay: the same gradient step, and every weight w shrunk by learning_rate * weight_decay * w
+    for plain, decayed, start in zip(models[0.0].get_weights(), models[0.1].get_weights(), initial, strict=True):
+        np.testing.assert_allclose(plain - decayed, 0.01 * 0.1 * start, rtol=1e-3, atol=1e-7)
+    assert any(np.abs(start).max() > 0.01 for start in initial)  # the comparison above is not between zeros
+
+
+def test_label_smoothing_changes_the_loss_of_a_fixed_batch(digits):
+    images, labels = digits[0][:32], digits[1][:32]
+    plain = build_model(Hyperparameters(**TINY))
+    smoothed = build_model(Hyperparameters(**TINY, label_smoothing=0.2))
+    smoothed.set_weights(plain.get_weights())
+    probabilities = np.clip(plain.predict(images, verbose=0).astype(np.float64), 1e-7, 1)
+    one_hot = np.eye(10)[labels]
+    losses = {}
+    for name, model, targets in [("plain", plain, one_hot), ("smoothed", smoothed, one_hot * 0.8 + 0.2 / 10)]:
+        loss, accuracy = model.evaluate(images, labels, verbose=0)
+        assert loss == pytest.approx(np.mean(-(targets * np.log(probabilities)).sum(axis=1)), rel=1e-4)
+        assert accuracy == pytest.approx(np.mean(probabilities.argmax(axis=1) == labels))  # still sparse accuracy
+        losses[name] = loss
+    assert abs(losses["smoothed"] - losses["plain"]) > 1e-3
+    assert np.isfinite(smoothed.train_on_batch(images, labels)[0])
+
+
+def test_batch_norm_normalizes_each_hidden_layer_and_trains(digits):
+    import keras
+
+    images, labels = digits
+    keras.utils.set_random_seed(0)
+    model = build_model(Hyperparameters(**TINY, batch_norm=True, learning_rate=0.01, batch_size=32))
+    assert kinds(model)[3:] == [
+        "Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D", "Conv2D", "BatchNormalization", "ReLU",
+        "MaxPooling2D", "Flatten", "Dropout", "Dense", "BatchNormalization", "ReLU", "Dropout", "Dense",
+    ]
+    normalized = [model.layers[i] for i in (3, 7, 13)]
+    assert not any(layer.use_bias for layer in normalized)
+    history = model.fit(images, labels, batch_size=32, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    batch_norm = model.layers[4]
+    assert np.abs(batch_norm.moving_mean.numpy()).max() > 0  # the statistics of the training batches
+    # inference normalizes with those moving statistics, training with the batch's own
+    assert not np.allclose(model(images[:32], training=True), model(images[:32], training=False), atol=1e-4)
+
+
+@pytest.mark.parametrize("field", sorted(AUGMENT))
+def test_augmentation_changes_training_inputs_but_not_inference(field, digits):
+    import keras
+
+    images = digits[0][:16]
+    model = build_model(Hyperparameters(**TINY, **{field: AUGMENT[field]}))
+    assert kinds(model).count("Reshape") == 1 and len(model.layers) == len(CLASSIC_LAYERS) + 1
+    augmented = keras.Model(model.input, model.get_layer(field).output)
+    seen = keras.Model(model.input, model.get_layer(field).input)(images)  # scaled to [0, 1], shaped (28, 28, 1)
+    assert not np.allclose(augmented(images, training=True), seen, atol=1e-3)
+    np.testing.assert_array_equal(augmented(images, training=False), seen)
+    # the whole model: training differs (no dropout, no batch norm: only the augmentation), inference is the plain
+    # model's with the same weights
+    plain = build_model(Hyperparameters(**TINY))
+    plain.set_weights(model.get_weights())
+    np.testing.assert_array_equal(model(images, training=False), plain(images, training=False))
+    assert not np.allclose(model(images, training=True), plain(images, training=True), atol=1e-6)
+
+
+def test_augmented_training_repeats_exactly_after_the_same_seed(digits):
+    images, labels = digits[0][:64], digits[1][:64]
+    hp = Hyperparameters(**TINY, **AUGMENT, batch_size=16)
+    first = weights_after_training(hp, images, labels, seed=7)
+    again = weights_after_training(hp, images, labels, seed=7)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"batch_norm": True},
+        {"conv1_filters": 3, "conv2_filters": 5, "kernel_size": 3, "dense_units": 7, "batch_norm": True, **AUGMENT},
+        {"conv1_filters": 2, "conv2_filters": 3, "kernel_size": 4, "dense_units": 5, "label_smoothing": 0.1},
+        {"conv1_filters": 1, "conv2_filters": 1, "kernel_size": 1, "dense_units": 1, "batch_norm": True},
+    ],
+)
+def test_parameter_count_is_what_keras_counts(settings):
+    hp = Hyperparameters(**settings)
+    assert parameter_count(hp) == build_model(hp).count_params()
+
+
+def test_step_bytes_grow_with_batch_norm_and_augmentation():
+    classic = Hyperparameters()
+    per_image = 28 * 28 * 32 + 14 * 14 * 32 + 14 * 14 * 64 + 7 * 7 * 64 + 1024 + 10
+    assert step_bytes(classic) == 128 * per_image * 4 * 3
+    assert step_bytes(Hyperparameters(batch_norm=True)) > step_bytes(classic)
+    assert step_bytes(Hyperparameters(augment_rotation=5.0)) > step_bytes(classic)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"warmup_fraction": 0.6}, {"warmup_fraction": -0.1}, {"label_smoothing": 0.5}, {"augment_shift": 0.31},
+        {"augment_rotation": 46.0}, {"augment_zoom": -0.1}, {"lr_schedule": "step"}, {"batch_norm": 1},
+    ],
+)
+def test_new_hyperparameters_are_bounded(settings):
+    with pytest.raises(ValidationError):
+        Hyperparameters(**settings)
 
 
 def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
@@ -44,7 +298,7 @@ def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
 
     try:
         configure_tensorflow(1, mixed_precision=True)
-        model = build_model(Hyperparameters(conv1_filters=4, conv2_filters=4, dense_units=8))
+        model = build_model(Hyperparameters(**TINY, batch_norm=True, label_smoothing=0.1, **AUGMENT))
         conv = next(layer for layer in model.layers if layer.__class__.__name__ == "Conv2D")
         assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
         assert model.output.dtype == "float32"
