@@ -140,6 +140,21 @@ class KeepInSpace:
         return config
 
 
+class EpochsDone(tune.Stopper):
+    """Ends each trial at its last epoch, as its own loop does, but in the driver: PBT would otherwise exploit a
+    trial that just finished (its last epoch a multiple of pbt_interval), restart it from another trial's final
+    checkpoint with nothing left to train, and leave it with a config its results do not belong to."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return result.get("epoch", 0) >= self.epochs
+
+    def stop_all(self) -> bool:
+        return False
+
+
 class SearchStopper(tune.Stopper):
     """Ends the whole search when a trial reports val_accuracy at or above the target, or when the time budget is
     spent (counted from the search's start in this attempt). Why it stopped is kept here, and written to

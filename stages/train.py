@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ray import tune
+from ray.tune.stopper import CombinedStopper
 
 from stages import storage
 from stages.errors import BadInputError, StorageError, TrainingError
@@ -20,6 +21,7 @@ from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
 from stages.search_algorithms import (
     STOP_REASON_FILE,
+    EpochsDone,
     SearchStopper,
     make_scheduler,
     make_searcher,
@@ -161,14 +163,15 @@ def _concurrent_trials(settings: TrainSettings) -> int:
     return max(1, math.floor(min(fits)))
 
 
-def _stopper(settings: TrainSettings, experiment: str) -> SearchStopper | None:
+def _stopper(settings: TrainSettings, experiment: str) -> tune.Stopper:
+    epochs_done = EpochsDone(settings.epochs)
     if settings.target_val_accuracy is None and settings.time_budget_s is None:
-        return None
-    return SearchStopper(
+        return epochs_done
+    return CombinedStopper(epochs_done, SearchStopper(
         target_val_accuracy=settings.target_val_accuracy,
         time_budget_s=settings.time_budget_s,
         reason_file=storage.join(experiment, STOP_REASON_FILE),
-    )
+    ))
 
 
 def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:

@@ -1,24 +1,38 @@
-"""One Tune trial: train the CNN epoch by epoch, report metrics and checkpoint through Tune after each epoch."""
+"""One Tune trial: train the CNN epoch by epoch, report metrics and checkpoint through Tune after each epoch.
+
+A trial is a function of its seed, its hyperparameters and where it starts: the trial's seed comes from the run's
+seed and the trial's creation index (`trial_seed`), and everything random in an epoch (the order of the images, the
+dropout masks, the augmentations) is drawn from (trial seed, epoch), not from a state that runs on from epoch to
+epoch. So a trial restored from the checkpoint of epoch e trains epoch e + 1 exactly as the uninterrupted trial does.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import re
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from stages.errors import TrainingError
 from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_MODEL = "model.keras"
-CHECKPOINT_STATE = "state.json"
+CHECKPOINT_MODEL = "model.keras"  # the model with its optimizer state (what evaluate loads)
+CHECKPOINT_STATE = "state.json"  # the epoch, the optimizer's position and the epoch's metrics
 EVAL_BATCH_SIZE = 1000
+MAX_STATE_BYTES = 2**20  # state.json holds a few numbers
+# model.keras holds the weights, at most a few optimizer slots per weight (Adam: two) and a small config
+MAX_MODEL_COPIES, MAX_MODEL_OVERHEAD_BYTES, MAX_MODEL_FILES = 6, 16 * 2**20, 16
+ORDER_STREAM, LAYER_SEED_STREAM = 0, 1  # what each draw from (trial seed, epoch) is for
 
 
 def configure_tensorflow(cpus: float, *, mixed_precision: bool = False) -> None:
@@ -45,11 +59,44 @@ def configure_tensorflow(cpus: float, *, mixed_precision: bool = False) -> None:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
 
-def make_dataset(data: LabeledImages, batch_size: int, *, threads: int, shuffle_seed: int | None = None):
-    """A tf.data pipeline of (uint8 images, labels) batches that reads `data` in place.
+def trial_key(trial_id: str, trial_dir: str = "") -> int | str:
+    """The trial's creation index in its experiment, or its id where Tune gives none.
+
+    Tune's variant generator (grid and random search) names trials `<5 random hex digits>_<index>`; the prefix is new
+    in every run, the index is the same in every run with the same settings, and Tuner.restore, retries and PBT keep
+    a trial's id. Trials a searcher suggests (Optuna, HyperOpt...) get random ids; their index is in Tune's default
+    trial folder name `<trainable>_<id>_<index>_<config>_<date>`. Without either, the id itself is the key: still
+    stable across restores, but not across runs.
+    """
+    if match := re.fullmatch(r".+_(\d+)", trial_id):
+        return int(match.group(1))
+    if trial_id and (match := re.search(re.escape(trial_id) + r"_(\d+)(?:_|$)", Path(trial_dir).name)):
+        return int(match.group(1))
+    return trial_id
+
+
+def trial_seed(run_seed: int, key: int | str) -> int:
+    """The seed of one trial: a stable hash of the run's seed and the trial's key, in [0, 2**31).
+
+    sha256, not hash(): Python salts string hashes per process, and the seed must be the same in every process.
+    """
+    digest = hashlib.sha256(f"{run_seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order of the `size` training images in epoch `epoch` (0 for the first): a permutation drawn from
+    (seed, epoch) alone, so any epoch's order can be made without making the ones before it."""
+    return np.random.default_rng([seed, epoch, ORDER_STREAM]).permutation(size)
+
+
+def make_dataset(data: LabeledImages, batch_size: int, *, threads: int, order: np.ndarray | None = None):
+    """A tf.data pipeline of (uint8 images, labels) batches that reads `data` in place, in `order` (indices into
+    `data`) or as it is.
 
     The arrays may be read-only views into Ray's object store; batches are gathered from them by index, so no
-    trial ever copies the whole dataset.
+    trial ever copies the whole dataset. The pipeline is sequential (no parallel map), so its batches come in the
+    same order every time.
     """
     import tensorflow as tf
 
@@ -64,14 +111,29 @@ def make_dataset(data: LabeledImages, batch_size: int, *, threads: int, shuffle_
         batch_labels.set_shape((None,))
         return batch_images, batch_labels
 
-    dataset = tf.data.Dataset.range(len(labels))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if order is None:
+        dataset = tf.data.Dataset.range(len(labels))
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices(np.asarray(order, dtype=np.int64))
     dataset = dataset.batch(batch_size).map(gather_batch).prefetch(2)
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.threading.max_intra_op_parallelism = 1
     return dataset.with_options(options)
+
+
+def reseed_random_layers(model, seed: int, epoch: int) -> None:
+    """Sets the random state of every random layer (dropout, augmentation) to one drawn from (seed, epoch).
+
+    Keras saves no random state with a model (`model.variables` holds it, `model.weights` does not): without this, a
+    restored trial would repeat its first epoch's dropout masks and augmentations instead of the ones an
+    uninterrupted trial sees.
+    """
+    weights = {id(weight) for weight in model.weights}
+    states = [variable for variable in model.variables if id(variable) not in weights]
+    draws = np.random.default_rng([seed, epoch, LAYER_SEED_STREAM]).integers(1, 2**31, size=len(states))
+    for state, draw in zip(states, draws):
+        state.assign(np.array([draw, 0], dtype=state.dtype))
 
 
 def run_trial(
@@ -86,8 +148,24 @@ def run_trial(
 ) -> None:
     """Tune function trainable. `config` holds one sample of the hyperparameters.
 
-    Reports after every epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, images_per_second; and a
-    checkpoint holding the model with its optimizer state, so a retried trial continues where it stopped.
+    Reports after every epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, images_per_second,
+    node_id and trial_seed; and a checkpoint holding the model with its optimizer state, so a retried or restored
+    trial continues where it stopped.
+
+    The trial's seed is `trial_seed(seed, trial_key(...))`: it sets the initial weights and the random layers' seeds
+    (through `keras.utils.set_random_seed` before the model is built), and with the epoch the order of the images and
+    the random layers' state in that epoch.
+
+    A checkpoint (a retry, Tuner.restore, or PBT's exploit, which brings another trial's checkpoint and a perturbed
+    config) goes into a model built from the trial's current config: see `restore_checkpoint`.
+
+    Determinism: on CPU, the same trial (config, seed, data) with the same number of TensorFlow threads gives
+    bit-identical metrics every epoch, whether it ran straight or was restored from a checkpoint. The input pipeline
+    is sequential, and the CPU kernels this model uses split their work by thread count, not by timing (checked with
+    1 and 2 threads), so `tf.config.experimental.enable_op_determinism` is not needed. Not promised: equality across
+    thread counts (`cpus`), across CPUs with other vector instructions (oneDNN picks its kernels by CPU), across
+    TensorFlow, Keras or NumPy versions, and on GPUs (cuDNN's convolution gradients are not deterministic without op
+    determinism, and mixed precision changes the numbers again).
     """
     import ray
     from ray import tune
@@ -96,24 +174,27 @@ def run_trial(
     configure_tensorflow(cpus, mixed_precision=mixed_precision)
     import keras
 
-    from stages.model import build_model
+    from stages.model import build_model  # also registers the model's own Keras objects, which checkpoints name
 
+    context = tune.get_context()
+    seed_of_trial = trial_seed(seed, trial_key(context.get_trial_id(), context.get_trial_dir()))
     hp = Hyperparameters.model_validate({key: to_python(value) for key, value in config.items()})
-    keras.utils.set_random_seed(seed)
     threads = max(1, math.floor(cpus))
-    train_batches = make_dataset(train_data, hp.batch_size, threads=threads, shuffle_seed=seed)
+    steps_per_epoch = math.ceil(len(train_data) / hp.batch_size)
+    keras.utils.set_random_seed(seed_of_trial)
+    model = build_model(hp, decay_steps=epochs * steps_per_epoch)
     validation_batches = make_dataset(validation_data, EVAL_BATCH_SIZE, threads=threads)
 
     first_epoch = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
-            first_epoch = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())["epoch"]
-    else:
-        model = build_model(hp, decay_steps=epochs * math.ceil(len(train_data) / hp.batch_size))
+            first_epoch = restore_checkpoint(model, Path(folder), steps_per_epoch=steps_per_epoch)
 
     for epoch in range(first_epoch, epochs):
+        order = epoch_order(seed_of_trial, epoch, len(train_data))
+        train_batches = make_dataset(train_data, hp.batch_size, threads=threads, order=order)
+        reseed_random_layers(model, seed_of_trial, epoch)
         started = time.perf_counter()
         history = model.fit(train_batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0)
         train_seconds = time.perf_counter() - started
@@ -126,11 +207,120 @@ def run_trial(
             "epoch": epoch + 1,
             "images_per_second": len(train_data) / train_seconds,
             "node_id": node_id,  # which Ray node trained this epoch (a retried trial may move)
+            "trial_seed": seed_of_trial,
+        }
+        state = {
+            "epoch": epoch + 1,
+            "steps_per_epoch": steps_per_epoch,  # what the optimizer's iterations count in
+            "iterations": int(model.optimizer.iterations),
+            "learning_rate": float(model.optimizer.learning_rate),  # the rate of the next step
+            **metrics,
         }
         with tempfile.TemporaryDirectory() as folder:
             model.save(Path(folder) / CHECKPOINT_MODEL)
-            (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": epoch + 1, **metrics}))
+            (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(state))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
+    """Loads a trial checkpoint into `model`, built and compiled from the trial's current hyperparameters, which may
+    differ from the checkpoint's (PBT perturbs learning_rate, weight_decay, dropout, batch_size...).
+
+    What carries over: the weights (the architecture must be the same); the optimizer's iteration count, so that a
+    learning-rate schedule goes on from where it was; and the optimizer's own state (Adam's moments, momentum) when
+    the optimizer is of the same kind, else that state starts afresh. What does not: the optimizer's learning rate,
+    schedule and weight decay, which are the current config's.
+
+    A batch_size other than the checkpoint's changes the steps per epoch, and with them the schedule's length (its
+    decay_steps are epochs x steps per epoch). The iteration count is then rescaled by new / old steps per epoch, so
+    that the schedule stays at the same fraction of the training done (checkpoints are written at the end of an
+    epoch: epoch / epochs). Adam's bias correction, which also reads the count, barely moves after the first epoch.
+
+    Loading is safe (no code from the checkpoint runs: `safe_mode=True`) and bounded: state.json and model.keras
+    (uncompressed) may be no larger than such a checkpoint of this model can be.
+
+    Args:
+      model: the trial's compiled model.
+      folder: a checkpoint folder that `run_trial` wrote.
+      steps_per_epoch: the training steps per epoch at the current batch_size.
+
+    Returns:
+      The number of epochs the checkpoint had finished: the index of the next epoch to train.
+
+    Raises:
+      TrainingError: the checkpoint is too large, or its model's weights do not fit `model`.
+    """
+    import keras
+
+    state = _read_state(folder / CHECKPOINT_STATE)
+    model_file = folder / CHECKPOINT_MODEL
+    limit = MAX_MODEL_COPIES * 4 * model.count_params() + MAX_MODEL_OVERHEAD_BYTES
+    _check_archive(model_file, limit)
+    saved = keras.models.load_model(model_file, safe_mode=True)
+
+    shapes, saved_shapes = [tuple(w.shape) for w in model.weights], [tuple(w.shape) for w in saved.weights]
+    if shapes != saved_shapes:
+        raise TrainingError(
+            f"the checkpoint in {folder} holds a model of another architecture ({len(saved_shapes)} weights, "
+            f"{saved.count_params()} parameters) than this trial's config builds ({len(shapes)} weights, "
+            f"{model.count_params()} parameters); only hyperparameters that keep the architecture can change on a "
+            "restore"
+        )
+    for weight, saved_weight in zip(model.weights, saved.weights):
+        weight.assign(saved_weight)
+
+    optimizer, saved_optimizer = model.optimizer, saved.optimizer
+    optimizer.build(model.trainable_variables)
+    slots, saved_slots = _optimizer_slots(optimizer), _optimizer_slots(saved_optimizer)
+    if type(optimizer) is type(saved_optimizer) and [tuple(v.shape) for v in slots] == [
+        tuple(v.shape) for v in saved_slots
+    ]:
+        for slot, saved_slot in zip(slots, saved_slots):
+            slot.assign(saved_slot)
+    else:
+        log.info(
+            "the checkpoint's optimizer is %s, this trial's %s: its weights and iteration count carry over, "
+            "its optimizer state starts afresh",
+            type(saved_optimizer).__name__,
+            type(optimizer).__name__,
+        )
+    saved_iterations = int(saved_optimizer.iterations)
+    saved_steps = int(state.get("steps_per_epoch") or steps_per_epoch)  # checkpoints from before it was recorded
+    optimizer.iterations.assign(round(saved_iterations * steps_per_epoch / saved_steps))
+    return int(state["epoch"])
+
+
+def _optimizer_slots(optimizer) -> list:
+    """The optimizer's variables that hold its state (moments, momentum...), without the iteration count and the
+    learning rate, which a restore sets on its own."""
+    fixed = {id(optimizer.iterations), id(optimizer.learning_rate)}
+    return [variable for variable in optimizer.variables if id(variable) not in fixed]
+
+
+def _read_state(path: Path) -> dict:
+    with path.open("rb") as file:
+        text = file.read(MAX_STATE_BYTES + 1)
+    if len(text) > MAX_STATE_BYTES:
+        raise TrainingError(f"{path} is larger than {MAX_STATE_BYTES} bytes: not a checkpoint state this trial wrote")
+    state = json.loads(text)
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or state["epoch"] < 0:
+        raise TrainingError(f"{path} names no finished epoch: not a checkpoint state this trial wrote")
+    return state
+
+
+def _check_archive(path: Path, limit: int) -> None:
+    """Refuses a model.keras whose size or contents (uncompressed) exceed `limit` bytes, before Keras opens it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except zipfile.BadZipFile as error:
+        raise TrainingError(f"{path} is not a Keras model archive: {error}") from error
+    size = max(path.stat().st_size, sum(entry.file_size for entry in entries))
+    if size > limit or len(entries) > MAX_MODEL_FILES:
+        raise TrainingError(
+            f"{path} holds {size} bytes in {len(entries)} files; a checkpoint of this trial's model holds at most "
+            f"{limit} bytes in {MAX_MODEL_FILES} files"
+        )
 
 
 def to_python(value):
