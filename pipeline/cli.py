@@ -239,6 +239,7 @@ def _run(config, *, resume: bool = False) -> int:
         check_cluster,
         check_quality_gate,
         check_resume,
+        check_search,
         format_summary,
         ray_session,
         run_pipeline,
@@ -271,6 +272,7 @@ def _run(config, *, resume: bool = False) -> int:
                 log.info("run %s: %s; artifacts in %s", run.run_id, started, redact(run.location))
                 if dashboard:
                     log.info("Ray dashboard: %s", dashboard)
+                check_search(config)
                 try:
                     summary = run_pipeline(config, run, resume=resume)
                 except BaseException:

@@ -18,7 +18,7 @@ from stages.download import DEFAULT_MIRRORS
 from stages.errors import BadInputError
 from stages.hyperparameters import SIZE_FIELDS, Hyperparameters, Real, parameter_count, step_bytes
 from stages.redact import redact_data
-from stages.train_settings import TrainSettings, clip
+from stages.train_settings import TrainSettings, base_trial_problem, clip
 
 # A config is a few kB that people write: these bounds are far above any real one, and far below what hurts.
 MAX_PATH = 1024  # characters of a folder or URI: the run's own paths go below it, within PATH_MAX (4096)
@@ -277,6 +277,14 @@ class Config(BaseModel):
                 f"{step_bytes(largest) / 2**30:,.0f} GiB, more than {MAX_STEP_BYTES >> 30} GiB: lower "
                 "model.batch_size or the filters, or their train.search_space entries"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _base_trial_fits(self) -> "Config":
+        """Refuses a base trial the searcher cannot start from, before a run folder or Ray exists."""
+        problem = base_trial_problem(self.train, self.model)
+        if problem is not None:
+            raise ValueError(f"train.{problem}")
         return self
 
     def to_yaml(self) -> str:

@@ -99,7 +99,7 @@ def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -
         if first["type"] not in ("value_error", "assertion_error") and "input" in first:
             message += f" (got {clip(first['input'])})"
         # validators that check a whole section say which key they mean: "validation_size: ..."
-        named = re.match(r"([A-Za-z_]\w*): ", message)
+        named = re.match(r"([A-Za-z_][\w.]*): ", message)
         if named:
             key, message = f"{key}.{named.group(1)}" if key else named.group(1), message[named.end():]
     more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""

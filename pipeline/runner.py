@@ -204,6 +204,17 @@ def check_cluster(config: Config) -> None:
         )
 
 
+def check_search(config: Config) -> None:
+    """Says at the start, before any stage runs, when the search cannot be repeated exactly from the same seed, and
+    why (with the cluster's resources known: they decide how many trials run at once)."""
+    from stages.train import concurrent_trials
+    from stages.train_settings import unrepeatable_because
+
+    unrepeatable = unrepeatable_because(config.train, concurrent_trials(config.train))
+    if unrepeatable is not None:
+        log.warning("this search is not repeatable exactly: %s", unrepeatable)
+
+
 def _fits(demand: dict[str, float], offer: dict[str, float]) -> bool:
     return all(amount <= offer.get(resource, 0) for resource, amount in demand.items() if amount > 0)
 

@@ -91,9 +91,9 @@ def train(
     problem = base_trial_problem(settings, base)
     if problem is not None:
         raise BadInputError(f"train.{problem}")
-    unrepeatable = unrepeatable_because(settings, _concurrent_trials(settings))
-    if unrepeatable is not None:
-        log.warning("train: %s", unrepeatable)
+    unrepeatable = unrepeatable_because(settings, concurrent_trials(settings))
+    if unrepeatable is not None:  # the pipeline warned at its start already (pipeline.runner.check_search)
+        log.info("train: %s", unrepeatable)
     seed_driver(seed)
     trainable = tune.with_parameters(
         run_trial,
@@ -149,7 +149,7 @@ def train(
     return _summarize(results, storage_path, results.experiment_path, experiment)
 
 
-def _concurrent_trials(settings: TrainSettings) -> int:
+def concurrent_trials(settings: TrainSettings) -> int:
     """How many trials can run at once: max_concurrent_trials, or as many as the cluster's CPUs and GPUs hold."""
     if settings.max_concurrent_trials:
         return settings.max_concurrent_trials
