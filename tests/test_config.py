@@ -43,6 +43,25 @@ def test_quick_config_is_valid_and_small():
     assert set(config.train.search_space) == {"learning_rate", "dropout"}  # batch_size and lr_schedule removed
 
 
+def test_quick_config_is_repeatable_on_two_cpus():
+    from stages.train_settings import unrepeatable_because
+
+    config = load_config(CONFIGS / "quick.yaml")
+    assert config.train.scheduler == "hyperband"
+    assert unrepeatable_because(config.train, concurrent_trials=2) is None
+    assert unrepeatable_because(config.train.model_copy(update={"scheduler": "asha"}), concurrent_trials=2)
+
+
+def test_best_config_trains_every_trial_to_the_end_and_gates_on_99_5_percent():
+    config = load_config(CONFIGS / "best.yaml")
+    assert config.train.scheduler == "fifo" and config.train.trial_count == 2  # one trial per CPU on 2 CPUs
+    assert config.evaluate.min_test_accuracy == 0.995 and config.evaluate.ensemble_top_k == 2
+    assert config.model.batch_norm and config.model.augment_shift > 0 and config.model.label_smoothing > 0
+    from stages.train_settings import unrepeatable_because
+
+    assert unrepeatable_because(config.train, concurrent_trials=2) is None
+
+
 def test_cluster_config_shares_the_run_folder_and_uses_gpus():
     config = load_config(CONFIGS / "cluster.yaml")
     assert config.run.root.startswith("s3://") and config.train.gpus_per_trial > 0
@@ -76,7 +95,7 @@ def test_a_file_merges_onto_the_defaults_section_by_section(tmp_path):
     assert set(config.train.search_space) == {"dropout"}  # a search space in a file replaces the default one
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "quick.yaml", "best.yaml"])
 def test_a_resolved_config_reproduces_the_run(tmp_path, name):
     config = load_config(CONFIGS / name, ["train.search_space.dense_units={randint: [256, 1025]}", "run.id=7"])
     resolved = tmp_path / "config.yaml"
