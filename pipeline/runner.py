@@ -212,7 +212,7 @@ def check_search(config: Config) -> None:
 
     unrepeatable = unrepeatable_because(config.train, concurrent_trials(config.train))
     if unrepeatable is not None:
-        log.warning("this search is not repeatable exactly: %s", unrepeatable)
+        log.warning("%s", unrepeatable)
 
 
 def _fits(demand: dict[str, float], offer: dict[str, float]) -> bool:

@@ -268,6 +268,9 @@ def test_the_run_folder_keeps_the_full_log(finished_run):
                      "Trial status:", "TERMINATED", "stage evaluate: done", "run e2e finished in", "report:",
                      "run stopped: test accuracy 0."]:
         assert expected in text, expected
+    # ASHA with 2 trials at once on 2 CPUs: said before any stage starts
+    warning = text.index("this search cannot be repeated exactly from run.seed: ASHA compares each trial")
+    assert warning < text.index("stage download: started")
     assert "\x1b[" not in text
 
 

@@ -191,7 +191,7 @@ def test_random_search_with_asha_one_trial_at_a_time(data, tmp_path, caplog):
         scheduler="asha", grace_period=1, reduction_factor=3.0, epochs=4, num_samples=1, max_concurrent_trials=1,
         checkpoints_to_keep=1, search_space={"learning_rate": {"grid": [3e-3, 1e-5, 1e-3]}},
     )
-    with caplog.at_level(logging.WARNING, logger="stages.train"):
+    with caplog.at_level(logging.INFO, logger="stages.train"):
         outcome = run(data, tmp_path, asha)
     assert "cannot be repeated" not in caplog.text  # one at a time, ASHA repeats exactly
     trials = trials_in_order(Path(outcome.experiment_path))
@@ -286,7 +286,7 @@ def test_hyperband_stops_the_same_trials_in_two_identical_runs(data, tmp_path, c
                     search_space={"learning_rate": {"grid": [3e-3, 1e-3, 1e-5, 3e-3]}})
     runs = []
     for attempt in ("one", "two"):
-        with caplog.at_level(logging.WARNING, logger="stages.train"):
+        with caplog.at_level(logging.INFO, logger="stages.train"):
             outcome = run(data, tmp_path / attempt, band)
         trials = trials_in_order(Path(outcome.experiment_path))
         runs.append([(t["rows"][0]["config"]["learning_rate"], len(t["rows"])) for t in trials])
@@ -346,7 +346,7 @@ def test_target_val_accuracy_ends_the_search_and_says_so(data, tmp_path):
 def test_a_time_budget_ends_the_search_and_says_so(data, tmp_path, caplog):
     # half a second: over before any trial's first epoch (a trial's process alone takes longer to start)
     budget = settings(time_budget_s=0.5, num_samples=2, epochs=2)
-    with caplog.at_level(logging.WARNING, logger="stages.train"):
+    with caplog.at_level(logging.INFO, logger="stages.train"):
         with pytest.raises(TrainingError, match=r"^the search ended early \(time budget of 0\.5 s spent\): no trial"):
             run(data, tmp_path, budget)
     assert "where time_budget_s falls depends on the machine's speed" in caplog.text
