@@ -47,7 +47,7 @@ def test_quick_config_is_repeatable_on_two_cpus():
     from stages.train_settings import unrepeatable_because
 
     config = load_config(CONFIGS / "quick.yaml")
-    assert config.train.scheduler == "hyperband"
+    assert config.train.scheduler == "fifo"
     assert unrepeatable_because(config.train, concurrent_trials=2) is None
     assert unrepeatable_because(config.train.model_copy(update={"scheduler": "asha"}), concurrent_trials=2)
 
