@@ -30,7 +30,7 @@ from stages.search_algorithms import (
 )
 from stages.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
 from stages.trial import run_trial
-from stages.tune_results import METRIC, MODE, TuneOutcome, summarize
+from stages.tune_results import METRIC, MODE, TuneOutcome, one_line, summarize
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _raise_if_disk_full(storage_path: str, error: BaseException) -> None:
     if free < FULL_DISK_BYTES:
         raise StorageError(
             f"the disk of {storage_path} is full ({free // 2**20} MiB free); Tune stopped with "
-            f"{type(error).__name__}: {_one_line(error)}"
+            f"{type(error).__name__}: {one_line(error)}"
         ) from error
 
 
@@ -264,8 +264,3 @@ def _check_owner(experiment_path: str) -> None:
     state = os.path.join(experiment_path, "tuner.pkl")
     if os.path.exists(state) and os.stat(state).st_uid != os.getuid():
         raise BadInputError(f"{state} belongs to another user; not restoring an experiment from it")
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__

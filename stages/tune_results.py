@@ -131,7 +131,7 @@ def _trial_summary(result: tune.Result, per_epoch) -> TrialSummary:
         best_val_accuracy=float(per_epoch[METRIC].max()) if has_history else None,
         nodes=sorted(per_epoch["node_id"].dropna().unique().tolist()) if has_history and "node_id" in per_epoch
         else [],
-        error=_one_line(result.error) if result.error else None,
+        error=one_line(result.error) if result.error else None,
         val_accuracy_by_epoch=per_epoch[METRIC].astype(float).tolist() if has_history else [],
     )
 
@@ -213,6 +213,7 @@ def _location(checkpoint: tune.Checkpoint) -> str:
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The last line of an error's message (a trial's error carries its worker's traceback before it)."""
     text = str(error).strip().splitlines()
     return text[-1] if text else type(error).__name__
