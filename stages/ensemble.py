@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stages import storage
 from stages.atomic import atomic_path
-from stages.evaluate import EXPORTED_ENSEMBLE, EXPORTED_MODEL, score
+from stages.evaluate import EXPORTED_ENSEMBLE, load_checkpoint_model, score
 from stages.idx import IMAGE_SHAPE
 from stages.preprocess import LabeledImages
 from stages.redact import redact
@@ -94,12 +94,10 @@ def evaluate_ensemble(members: list[RankedCheckpoint], test: LabeledImages, *, b
     Returns:
       (the ensemble keras.Model, its EnsembleEvaluation).
     """
-    import keras
-
     models = []
     for member in members:
         with member.checkpoint.as_directory() as folder:  # a download when the run is remote
-            models.append(keras.models.load_model(Path(folder) / EXPORTED_MODEL, safe_mode=True, compile=False))
+            models.append(load_checkpoint_model(Path(folder)))
     names = [f"member{rank}_{re.sub(r'[^A-Za-z0-9_]', '_', m.trial_id)}" for rank, m in enumerate(members, start=1)]
     ensemble = build_ensemble(models, names)
     scored = score(ensemble.predict(test.images, batch_size=batch_size, verbose=0), test.labels)

@@ -50,13 +50,17 @@ def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
     Returns:
       (the loaded Keras model, its Evaluation, its predicted probabilities (n, 10)).
     """
-    import keras
-
-    # uncompiled: predicting needs neither the optimizer (whose learning-rate schedule may be a custom object of
-    # stages.model) nor the loss
-    model = keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False)
+    model = load_checkpoint_model(checkpoint)
     probabilities = model.predict(test.images, batch_size=batch_size, verbose=0)
     return model, score(probabilities, test.labels), probabilities
+
+
+def load_checkpoint_model(checkpoint: Path):
+    """The model in a trial checkpoint folder, for predicting: uncompiled, as predicting needs neither the optimizer
+    (whose learning-rate schedule may be a custom object of stages.model) nor the loss."""
+    import keras
+
+    return keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False)
 
 
 def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
