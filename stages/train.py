@@ -30,6 +30,7 @@ from stages.search_algorithms import (
 )
 from stages.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
 from stages.trial import run_trial
+from stages.trial_logs import CsvLog, JsonLog
 from stages.tune_results import METRIC, MODE, TuneOutcome, one_line, summarize
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def train(
             ),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             sync_config=tune.SyncConfig(sync_period=snapshot_seconds),
+            callbacks=[JsonLog(), CsvLog()],  # Tune's own loggers lose rows when a trial restarts (trial_logs.py)
             verbose=1,  # the trial table as it changes; per-trial result boxes would drown it
         ),
     )
