@@ -1,105 +1,134 @@
-"""Training throughput: two concurrent 1-CPU Tune trials vs plain Keras with one thread, on the same model.
+"""Throughput suite: the same CNN on the same images trained by the seed's TF1 loop, plain Keras, several plain Keras
+processes side by side, and the pipeline's Tune trials, each layout using every CPU given to the benchmark.
 
-    python benchmarks/throughput.py [--images 12800] [--epochs 3]
-
-Each side trains the classic CNN on the same slice of real MNIST; the first epoch (tracing, warm-up) is left out.
-Plain Keras runs alone in a subprocess limited to one thread; then a real Tune experiment runs two trials at
-once on a 2-CPU Ray, each reporting images/second per epoch. With thread pools sized to the trial's CPUs, each trial
-should keep >= 0.85x the single-thread rate; oversubscription (every trial grabbing every core) shows as far less.
+Every side reports each epoch's images/second, so slow epochs show; the first epoch (tracing, warm-up) is reported
+but left out of medians.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stages.preprocess import Splits
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-PLAIN_KERAS = """
-import json, sys, time
-from stages.trial import configure_tensorflow
-configure_tensorflow(1)
-from stages.hyperparameters import Hyperparameters
-from stages.model import build_model
-from stages.preprocess import load_splits
-train = load_splits(sys.argv[1]).train
-model = build_model(Hyperparameters())
-rates = []
-for epoch in range(int(sys.argv[2])):
-    started = time.perf_counter()
-    model.fit(train.images, train.labels, batch_size=128, epochs=1, verbose=0)
-    rates.append(len(train) / (time.perf_counter() - started))
-print(json.dumps(rates))
-"""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=12800, help="training images per epoch")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs per side (the first is not counted)")
-    parser.add_argument("--mirror", default=str(REPO.parent / "shared" / "mnist"), help="folder of MNIST .gz files")
-    args = parser.parse_args()
+@dataclass
+class Measurement:
+    """One layout: `processes` trainers side by side with `threads` threads (CPUs) each."""
 
-    from stages.download import download
-    from stages.preprocess import manifest, preprocess, save_splits
+    name: str
+    processes: int
+    threads: int
+    epoch_rates: list[list[float]]  # images/second, per process, per epoch
 
-    work = Path(tempfile.mkdtemp(prefix="throughput-"))
-    raw = download([args.mirror], work / "cache").read()
-    splits = preprocess(raw, validation_size=1000, max_train_images=args.images + 1000, max_test_images=1000)
-    save_splits(splits, manifest(splits, raw, validation_size=1000, seed=0), str(work))
+    @property
+    def steady(self) -> list[list[float]]:
+        """Each process's epochs after the first (or the only one)."""
+        return [rates[1:] or rates for rates in self.epoch_rates]
 
-    plain = json.loads(
-        subprocess.run(
-            [sys.executable, "-c", PLAIN_KERAS, str(work / "dataset.npz"), str(args.epochs)],
-            check=True, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        ).stdout.splitlines()[-1]
-    )
-    plain_rate = statistics.median(plain[1:])
+    @property
+    def median_rate(self) -> float:
+        """The median epoch of all processes: one process's usual rate."""
+        return statistics.median(rate for rates in self.steady for rate in rates)
 
-    import ray
+    @property
+    def aggregate_rate(self) -> float:
+        """Images/second of all processes together."""
+        return sum(statistics.median(rates) for rates in self.steady)
 
+    @property
+    def slowest_epoch(self) -> float:
+        return min(rate for rates in self.steady for rate in rates)
+
+    def record(self, reference: Measurement | None) -> dict:
+        row = asdict(self) | {
+            "epoch_rates": [[round(rate, 1) for rate in rates] for rates in self.epoch_rates],
+            "median_rate": round(self.median_rate, 1),
+            "aggregate_rate": round(self.aggregate_rate, 1),
+            "slowest_epoch": round(self.slowest_epoch, 1),
+        }
+        if reference is not None:  # the plain Keras layout with the same processes and threads
+            row["median_vs_plain_keras"] = round(self.median_rate / reference.median_rate, 3)
+            row["slowest_epoch_vs_plain_keras"] = round(self.slowest_epoch / reference.median_rate, 3)
+        return row
+
+
+def layouts(cpus: int) -> list[tuple[int, int]]:
+    """(processes, threads each) that use all `cpus`: for 2 CPUs, 1x2 and 2x1."""
+    return [(cpus // threads, threads) for threads in range(cpus, 0, -1) if cpus % threads == 0]
+
+
+def plain(kind: str, dataset: Path, *, epochs: int, processes: int, threads: int) -> Measurement:
+    """`processes` plain trainers (benchmarks.workers) started together, `threads` threads each."""
+    command = [sys.executable, "-m", "benchmarks.workers", kind, str(dataset), str(epochs), str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    running = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    rates = []
+    for process in running:
+        out, err = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"{kind} worker failed (exit {process.returncode}): {err.strip()[-2000:]}")
+        rates.append(json.loads(out.splitlines()[-1]))
+    name = {"keras": "plain Keras fit", "tf1": "TF1 graph loop (seed)"}[kind]
+    return Measurement(name, processes, threads, rates)
+
+
+def trials(splits: Splits, storage: Path, *, epochs: int, processes: int, threads: int) -> Measurement:
+    """`processes` pipeline trials at once (stages.train: Tune, the object store, checkpoints every epoch), `threads`
+    CPUs each; the caller has started Ray with all the CPUs."""
     from stages.hyperparameters import Hyperparameters
     from stages.train import train
     from stages.train_settings import TrainSettings
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    started = time.perf_counter()
-    outcome = train(
-        splits.train,
-        splits.validation,
-        base=Hyperparameters(),
-        settings=TrainSettings(
-            epochs=args.epochs, num_samples=2, scheduler="fifo", search_space={}, cpus_per_trial=1.0
-        ),
-        storage_path=str(work / "tune"),
+    settings = TrainSettings(
+        epochs=epochs, num_samples=processes, scheduler="fifo", search_space={}, cpus_per_trial=threads
     )
-    tune_seconds = time.perf_counter() - started
-    ray.shutdown()
-
-    trial_rates = []
-    for trial_folder in sorted(p for p in Path(outcome.experiment_path).iterdir() if p.is_dir()):
-        rows = [json.loads(line) for line in (trial_folder / "result.json").read_text().splitlines()]
-        trial_rates.append(statistics.median(row["images_per_second"] for row in rows[1:]))
-
-    report = {
-        "images_per_epoch": args.images,
-        "plain_keras_1_thread_images_per_second": round(plain_rate, 1),
-        "tune_trial_images_per_second": [round(rate, 1) for rate in trial_rates],
-        "ratio_per_trial": [round(rate / plain_rate, 3) for rate in trial_rates],
-        "aggregate_speedup_vs_one_thread": round(sum(trial_rates) / plain_rate, 3),
-        "tune_wall_seconds": round(tune_seconds, 1),
-        "target": ">= 0.85 per trial",
-    }
-    print(json.dumps(report, indent=2))
+    outcome = train(
+        splits.train, splits.validation, base=Hyperparameters(), settings=settings, storage_path=str(storage),
+        experiment_name=f"trials-{processes}x{threads}",
+    )
+    rates = []
+    for result_file in sorted(Path(outcome.experiment_path).glob("*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        rates.append([row["images_per_second"] for row in sorted(rows, key=lambda row: row["epoch"])])
+    return Measurement("pipeline trials", processes, threads, rates)
 
 
-if __name__ == "__main__":
-    main()
+def run(splits: Splits, dataset: Path, storage: Path, *, cpus: int, epochs: int) -> list[dict]:
+    """Every layout of every trainer, one after the other (never two layouts at once)."""
+    import ray
+
+    rows, plain_keras = [], {}
+    for processes, threads in layouts(cpus):
+        for kind in ("tf1", "keras"):
+            measured = plain(kind, dataset, epochs=epochs, processes=processes, threads=threads)
+            if kind == "keras":
+                plain_keras[processes, threads] = measured
+            rows.append(measured.record(None))
+            print(_line(measured), flush=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        for processes, threads in layouts(cpus):
+            measured = trials(splits, storage, epochs=epochs, processes=processes, threads=threads)
+            rows.append(measured.record(plain_keras[processes, threads]))
+            print(_line(measured), flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def _line(measured: Measurement) -> str:
+    epochs = [[round(rate) for rate in rates] for rates in measured.epoch_rates]
+    layout = f"{measured.processes}x{measured.threads}"
+    return f"  {measured.name} {layout}: {measured.aggregate_rate:.0f} images/s in all, epochs {epochs}"

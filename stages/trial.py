@@ -119,6 +119,10 @@ def make_dataset(data: LabeledImages, batch_size: int, *, threads: int, order: n
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.threading.max_intra_op_parallelism = 1
+    # tf.data's autotuner starts a model thread per iterator, and each epoch's iterator waits for it on destruction:
+    # in Tune trials running side by side that wait took 10-30 s at the end of some epochs (benchmarks/ measures it).
+    # The pipeline is fixed (prefetch 2, sequential map): there is nothing for the autotuner to tune.
+    options.autotune.enabled = False
     return dataset.with_options(options)
 
 
@@ -167,6 +171,7 @@ def run_trial(
     TensorFlow, Keras or NumPy versions, and on GPUs (cuDNN's convolution gradients are not deterministic without op
     determinism, and mixed precision changes the numbers again).
     """
+    entered = time.perf_counter()
     import ray
     from ray import tune
 
@@ -191,6 +196,8 @@ def run_trial(
         with checkpoint.as_directory() as folder:
             first_epoch = restore_checkpoint(model, Path(folder), steps_per_epoch=steps_per_epoch)
 
+    startup_seconds = time.perf_counter() - entered  # TensorFlow's import, the model, the restore
+    checkpoint_seconds = 0.0
     for epoch in range(first_epoch, epochs):
         order = epoch_order(seed_of_trial, epoch, len(train_data))
         train_batches = make_dataset(train_data, hp.batch_size, threads=threads, order=order)
@@ -199,6 +206,7 @@ def run_trial(
         history = model.fit(train_batches, epochs=epoch + 1, initial_epoch=epoch, shuffle=False, verbose=0)
         train_seconds = time.perf_counter() - started
         val_loss, val_accuracy = model.evaluate(validation_batches, verbose=0)
+        validation_seconds = time.perf_counter() - started - train_seconds
         metrics = {  # in the order Tune's trial table shows them, most important first
             "val_accuracy": float(val_accuracy),
             "val_loss": float(val_loss),
@@ -208,6 +216,13 @@ def run_trial(
             "images_per_second": len(train_data) / train_seconds,
             "node_id": node_id,  # which Ray node trained this epoch (a retried trial may move)
             "trial_seed": seed_of_trial,
+            # where the trial's time goes (benchmarks/ adds them up): the first epoch a process trains carries the
+            # process's start-up; checkpoint_seconds is the save of the epoch before (this one's is not over yet)
+            "startup_seconds": startup_seconds if epoch == first_epoch else 0.0,
+            "train_seconds": train_seconds,
+            "validation_seconds": validation_seconds,
+            "checkpoint_seconds": checkpoint_seconds,
+            "reported_at": time.time(),  # wall clock, to line trials up against each other
         }
         state = {
             "epoch": epoch + 1,
@@ -216,10 +231,12 @@ def run_trial(
             "learning_rate": float(model.optimizer.learning_rate),  # the rate of the next step
             **metrics,
         }
+        saving = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             model.save(Path(folder) / CHECKPOINT_MODEL)
             (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(state))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        checkpoint_seconds = time.perf_counter() - saving  # the save, its upload to storage and Tune's round trip
 
 
 def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:

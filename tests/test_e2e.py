@@ -78,6 +78,14 @@ def test_tune_ran_two_trials_with_checkpoints_and_picked_the_best(finished_run):
         rows = [json.loads(line) for line in (trial_folder / "result.json").read_text().splitlines()]
         assert [row["epoch"] for row in rows] == list(range(1, len(rows) + 1))
         assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second"} <= set(rows[0])
+        # where each epoch's time went (benchmarks/ adds it up): the first epoch carries the process's start-up, the
+        # second the first checkpoint's save; an epoch's training time agrees with its rate
+        assert rows[0]["startup_seconds"] > 0 and all(row["startup_seconds"] == 0 for row in rows[1:])
+        assert rows[0]["checkpoint_seconds"] == 0 and all(row["checkpoint_seconds"] > 0 for row in rows[1:])
+        for row in rows:
+            assert row["train_seconds"] > 0 and row["validation_seconds"] > 0
+            assert row["images_per_second"] * row["train_seconds"] == pytest.approx(2500, rel=0.01)  # 3,000 - 500
+        assert all(a["reported_at"] < b["reported_at"] for a, b in zip(rows, rows[1:]))
         best_per_trial.append(max(row["val_accuracy"] for row in rows))
     assert metrics["val_accuracy"] == pytest.approx(max(best_per_trial))
     assert Path(metrics["checkpoint"]).is_relative_to(folder / "tune")

@@ -24,6 +24,7 @@ from stages.trial import (
     CHECKPOINT_MODEL,
     CHECKPOINT_STATE,
     epoch_order,
+    make_dataset,
     restore_checkpoint,
     run_trial,
     trial_key,
@@ -298,3 +299,12 @@ def test_each_epoch_has_its_own_order_made_from_the_seed_alone():
     assert sorted(first) == list(range(1000)) and not np.array_equal(first, second)
     assert np.array_equal(second, epoch_order(5, 1, 1000))
     assert not np.array_equal(first, epoch_order(6, 0, 1000))
+
+
+def test_the_input_pipeline_runs_without_tf_data_autotuning(splits):
+    # with the autotuner, each epoch's iterator waited for its model thread on destruction: 10-30 s lost at the end of
+    # some epochs when trials ran side by side (`python -m benchmarks --suites throughput` shows it); the pipeline is
+    # fixed anyway (sequential map, prefetch 2)
+    dataset = make_dataset(splits.train, BATCH, threads=1, order=np.arange(TRAIN_IMAGES))
+    assert dataset.options().autotune.enabled is False
+    assert sum(len(labels) for _, labels in dataset) == TRAIN_IMAGES
