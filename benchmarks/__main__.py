@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=12800, help="training images per epoch (throughput, schedulers)")
     parser.add_argument("--validation", type=int, default=2000, help="validation images (throughput, schedulers)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per trainer in the throughput suite")
+    parser.add_argument("--search-trials", type=int, default=6, help="trials of each search in the schedulers suite")
+    parser.add_argument("--search-epochs", type=int, default=3, help="epochs per trial in the schedulers suite")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "quick.yaml", help="pipeline and schedulers")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of --config (pipeline and schedulers suites); repeatable")
@@ -46,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.suites = [name.strip() for name in args.suites.split(",") if name.strip()]
     if unknown := [name for name in args.suites if name not in SUITES]:
         parser.error(f"--suites: unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
-    if min(args.cpus, args.images, args.validation, args.epochs) < 1:
-        parser.error("--cpus, --images, --validation and --epochs must be at least 1")
+    if min(args.cpus, args.images, args.validation, args.epochs, args.search_trials, args.search_epochs) < 1:
+        parser.error("--cpus, --images, --validation, --epochs, --search-trials and --search-epochs must be at least 1")
     return args
 
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": machine(), "settings": {
         "cpus": args.cpus, "images": args.images, "validation": args.validation, "epochs": args.epochs,
+        "search_trials": args.search_trials, "search_epochs": args.search_epochs,
         "config": str(args.config), "overrides": args.overrides,
     }}
     try:
@@ -89,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         if "schedulers" in args.suites:
             from benchmarks import schedulers
 
-            print("schedulers: fifo and asha on the same search space and seed", flush=True)
-            results["schedulers"] = schedulers.run(splits, work / "tune", config, cpus=args.cpus)
+            print(f"schedulers: fifo and asha, {args.search_trials} trials of {args.search_epochs} epochs", flush=True)
+            search = config.train.model_copy(update={"num_samples": args.search_trials, "epochs": args.search_epochs})
+            results["schedulers"] = schedulers.run(
+                splits, work / "tune", config.model_copy(update={"train": search}), cpus=args.cpus
+            )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

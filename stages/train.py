@@ -17,6 +17,7 @@ from ray.tune.stopper import CombinedStopper
 
 from stages import storage
 from stages.errors import BadInputError, StorageError, TrainingError
+from stages.finished_checkpoints import slim_finished_checkpoints
 from stages.hyperparameters import Hyperparameters
 from stages.preprocess import LabeledImages
 from stages.search_algorithms import (
@@ -121,7 +122,7 @@ def train(
         tuner = tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
-        return _summarize(_fit(tuner, storage_path), storage_path, experiment, experiment)
+        return _finish(_summarize(_fit(tuner, storage_path), storage_path, experiment, experiment), settings)
     tuner = tune.Tuner(
         trainable,
         param_space=settings.param_space(base),
@@ -148,7 +149,14 @@ def train(
         ),
     )
     results = _fit(tuner, storage_path)
-    return _summarize(results, storage_path, results.experiment_path, experiment)
+    return _finish(_summarize(results, storage_path, results.experiment_path, experiment), settings)
+
+
+def _finish(outcome: TuneOutcome, settings: TrainSettings) -> TuneOutcome:
+    """Every trial is done: their checkpoints shrink to what evaluation reads (stages.finished_checkpoints)."""
+    if settings.slim_checkpoints:
+        slim_finished_checkpoints(outcome.ranked)
+    return outcome
 
 
 def concurrent_trials(settings: TrainSettings) -> int:

@@ -144,7 +144,13 @@ class TrainSettings(BaseModel):
         description="end the whole search this many seconds after it started (in this attempt); null: no budget",
     )
     # each kept checkpoint is a copy of the model in the run folder, per trial
-    checkpoints_to_keep: int = Field(2, ge=1, le=100, description="best checkpoints kept per trial (plus the latest)")
+    # while it runs; what a finished search keeps is slim_checkpoints' business
+    checkpoints_to_keep: int = Field(1, ge=1, le=100, description="best checkpoints kept per trial (plus the latest)")
+    slim_checkpoints: bool = Field(
+        True,
+        description="once the search has finished, keep only each trial's best checkpoint, without optimizer state "
+        "(a third of the size); false: keep what Tune kept",
+    )
     max_failures: int = Field(
         2, ge=-1, le=100, description="retries of a crashed trial from its last checkpoint; -1: forever"
     )

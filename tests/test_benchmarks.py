@@ -21,7 +21,8 @@ def results(mnist_mirror, tmp_path_factory):
     folder = tmp_path_factory.mktemp("benchmarks")
     command = [
         sys.executable, "-m", "benchmarks", "--cpus", "2", "--images", "384", "--validation", "128",
-        "--epochs", str(EPOCHS), "--mirror", str(mnist_mirror), "--json", str(folder / "results.json"),
+        "--epochs", str(EPOCHS), "--search-trials", "2", "--search-epochs", "2",
+        "--mirror", str(mnist_mirror), "--json", str(folder / "results.json"),
         "--work", str(folder / "work"),
         "--set", "data.max_train_images=1000", "--set", "data.validation_size=200", "--set", "data.max_test_images=300",
         "--set", "train.epochs=2", "--set", "train.num_samples=2", "--set", "train.grace_period=1",

@@ -26,6 +26,7 @@ from stages.train_settings import TrainSettings, unrepeatable_because
 from stages.tune_results import METRIC, MODE
 
 BASE = Hyperparameters(conv1_filters=4, conv2_filters=8, dense_units=32, learning_rate=3e-3)
+BASE_PARAMETERS = (5 * 5 * 1 * 4 + 4) + (5 * 5 * 4 * 8 + 8) + (7 * 7 * 8 * 32 + 32) + (32 * 10 + 10)
 SEED = 7
 
 
@@ -190,6 +191,7 @@ def test_random_search_with_asha_one_trial_at_a_time(data, tmp_path, caplog):
     asha = settings(
         scheduler="asha", grace_period=1, reduction_factor=3.0, epochs=4, num_samples=1, max_concurrent_trials=1,
         checkpoints_to_keep=1, search_space={"learning_rate": {"grid": [3e-3, 1e-5, 1e-3]}},
+        slim_checkpoints=False,  # what Tune kept, as it left it
     )
     with caplog.at_level(logging.INFO, logger="stages.train"):
         outcome = run(data, tmp_path, asha)
@@ -212,6 +214,40 @@ def test_random_search_with_asha_one_trial_at_a_time(data, tmp_path, caplog):
         assert last in kept and kept & best and kept <= best | {last} and len(kept) <= 2, (kept, curve)
     assert outcome.stop_reason is None
     assert outcome.best_val_accuracy == max(max(curve) for curve in curves)
+
+
+def test_a_finished_search_keeps_each_trials_best_checkpoint_without_optimizer_state(data, tmp_path):
+    import zipfile
+
+    import h5py
+    import keras
+
+    from stages.evaluate import load_checkpoint_model
+
+    # every epoch's checkpoint is kept while the trials run (3 best + the latest): slimming has two to delete each
+    three_epochs = settings(epochs=3, checkpoints_to_keep=3)  # BASE trains with Adam
+    outcome = run(data, tmp_path, three_epochs)
+    trials = trials_in_order(Path(outcome.experiment_path))
+    assert len(trials) == 2
+    for trial in trials:
+        curve = [row[METRIC] for row in trial["rows"]]
+        (kept,) = trial["folder"].glob("checkpoint_*")  # one folder left
+        assert json.loads((kept / "state.json").read_text())["epoch"] == curve.index(max(curve)) + 1, curve
+        with zipfile.ZipFile(kept / "model.keras") as archive, archive.open("model.weights.h5") as weights:
+            with h5py.File(weights, "r") as store:
+                assert not len(store.get("optimizer/vars", {})), "Adam's moments are gone"
+        model = load_checkpoint_model(kept)
+        assert model.count_params() == BASE_PARAMETERS
+        assert (kept / "model.keras").stat().st_size < 2 * 4 * BASE_PARAMETERS, "Adam would triple it"
+    assert {Path(entry.location) for entry in outcome.ranked} == {
+        next(trial["folder"].glob("checkpoint_*")) for trial in trials
+    }
+    keras.backend.clear_session()
+
+    # the finished experiment read back (a resumed run whose train code changed): the same winner, still there
+    again = run(data, tmp_path, three_epochs, resume=True)
+    assert (again.best_trial_id, again.best_val_accuracy) == (outcome.best_trial_id, outcome.best_val_accuracy)
+    assert Path(again.best_checkpoint_location, "model.keras").is_file()
 
 
 def replay(searcher, trials: list[dict], space: dict, *, results: bool = True) -> list[dict]:
