@@ -57,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
+    from benchmarks import BenchmarkError
+    from stages.errors import PipelineError
+
+    try:
+        return _run(args)
+    except (PipelineError, BenchmarkError) as error:  # a bad config or mirror, a failed run: said in one line
+        print(f"benchmarks: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.config_loading import load_config
     from stages.download import download
     from stages.preprocess import manifest, preprocess, save_splits
@@ -82,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             results["throughput"] = throughput.run(
                 splits, work / "dataset.npz", work / "tune", cpus=args.cpus, epochs=args.epochs
             )
+            results["input_pipeline_images_per_second"] = round(throughput.input_pipeline_rate(splits), 1)
         if "pipeline" in args.suites:
             from benchmarks import pipeline_run
 
@@ -166,6 +178,8 @@ def table(results: dict) -> str:
                 f"{row.get('median_vs_plain_keras', ''):>10}{row.get('slowest_epoch_vs_plain_keras', ''):>12}  "
                 + " | ".join(" ".join(f"{rate:.0f}" for rate in rates) for rates in row["epoch_rates"])
             )
+    if rate := results.get("input_pipeline_images_per_second"):
+        lines.append(f"input pipeline alone (1 thread, data in memory, no model): {rate:.0f} images/s")
     if run := results.get("pipeline"):
         wall = run["wall_seconds"]
         lines += ["", f"pipeline run {run['run_id']}: {wall:.1f} s wall, test accuracy {run['test_accuracy']:.4f}, "
@@ -175,8 +189,8 @@ def table(results: dict) -> str:
         disk = {name: value / 1e6 for name, value in run["disk"].items()}  # MB
         lines.append(
             f"  disk: run folder {disk['run_folder_bytes']:.1f} MB, tune/ {disk['tune_folder_bytes']:.1f} MB, "
-            f"{run['disk']['checkpoints_kept']} checkpoints kept of {disk['checkpoint_bytes']:.1f} MB, "
-            f"{disk['checkpoint_bytes_written']:.1f} MB written"
+            f"{run['disk']['checkpoints_kept']} checkpoints kept of {disk['kept_checkpoint_bytes']:.1f} MB; "
+            f"written: {disk['written_checkpoint_bytes']:.1f} MB each, {disk['checkpoint_bytes_written']:.1f} MB in all"
         )
     if rows := results.get("schedulers"):
         lines += ["", f"{'scheduler':<11}{'trials':>7}{'epochs':>8}{'best val':>10}{'wall s':>9}{'tune/ MB':>10}"]

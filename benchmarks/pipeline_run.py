@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import BenchmarkError
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,7 +39,8 @@ def run(config: Path, work: Path, *, mirror: str, cache: Path, cpus: int, overri
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if finished.returncode not in (0, 1):  # 1: a run that missed its min_test_accuracy gate still measured
-        raise RuntimeError(f"the pipeline run failed (exit {finished.returncode}): {finished.stderr.strip()[-2000:]}")
+        last = (finished.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise BenchmarkError(f"the pipeline run failed (exit {finished.returncode}): {last}")
     (folder,) = [path.parent for path in root.glob("*/summary.json")]
     return breakdown(folder, wall=wall, cpus=cpus)
 
@@ -120,14 +123,14 @@ def disk(folder: Path) -> dict:
     tune = folder / "tune"
     checkpoints = [path for path in tune.glob("*/checkpoint_*") if path.is_dir()]
     sizes = [folder_bytes(path) for path in checkpoints]
-    rows = list(csv.DictReader((folder / "trials.csv").open()))
-    per_checkpoint = statistics.median(sizes) if sizes else 0
+    written = [int(row.get("checkpoint_bytes") or 0) for row in csv.DictReader((folder / "trials.csv").open())]
     return {
         "run_folder_bytes": folder_bytes(folder),
         "tune_folder_bytes": folder_bytes(tune),
         "checkpoints_kept": len(checkpoints),
-        "checkpoint_bytes": int(per_checkpoint),
-        "checkpoint_bytes_written": int(per_checkpoint * len(rows)),  # one checkpoint per epoch trained
+        "kept_checkpoint_bytes": int(statistics.median(sizes)) if sizes else 0,  # as the finished run keeps them
+        "written_checkpoint_bytes": int(statistics.median(written)) if written else 0,  # as trials wrote them
+        "checkpoint_bytes_written": sum(written),  # one checkpoint per epoch trained
     }
 
 

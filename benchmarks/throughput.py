@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import BenchmarkError
 from stages.preprocess import Splits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +79,8 @@ def plain(kind: str, dataset: Path, *, epochs: int, processes: int, threads: int
     for process in running:
         out, err = process.communicate()
         if process.returncode:
-            raise RuntimeError(f"{kind} worker failed (exit {process.returncode}): {err.strip()[-2000:]}")
+            last = (err.strip().splitlines() or ["no error output"])[-1]
+            raise BenchmarkError(f"the {kind} worker failed (exit {process.returncode}): {last}")
         rates.append(json.loads(out.splitlines()[-1]))
     name = {"keras": "plain Keras fit", "tf1": "TF1 graph loop (seed)"}[kind]
     return Measurement(name, processes, threads, rates)
@@ -103,6 +105,26 @@ def trials(splits: Splits, storage: Path, *, epochs: int, processes: int, thread
         rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         rates.append([row["images_per_second"] for row in sorted(rows, key=lambda row: row["epoch"])])
     return Measurement("pipeline trials", processes, threads, rates)
+
+
+def input_pipeline_rate(splits: Splits, *, passes: int = 3, batch_size: int = 128) -> float:
+    """Images/second that a trial's input pipeline (stages.trial.make_dataset: shuffled order, gathered batches from
+    arrays in memory, one thread) delivers with no model to feed: what it could give a GPU. The best of `passes`."""
+    import time
+
+    import numpy as np
+
+    from stages.trial import configure_tensorflow, make_dataset
+
+    configure_tensorflow(1)  # a no-op where this process ran TensorFlow before
+    best = 0.0
+    for epoch in range(passes):
+        order = np.random.default_rng(epoch).permutation(len(splits.train))
+        started = time.perf_counter()
+        for _ in make_dataset(splits.train, batch_size, threads=1, order=order):
+            pass
+        best = max(best, len(splits.train) / (time.perf_counter() - started))
+    return best
 
 
 def run(splits: Splits, dataset: Path, storage: Path, *, cpus: int, epochs: int) -> list[dict]:

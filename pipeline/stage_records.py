@@ -35,7 +35,8 @@ _STAGE_CODE = {
     "preprocess": ("stages.preprocess", "stages.idx", "stages.dataset_cache"),
     "train": (
         "stages.train", "stages.tune_results", "stages.trial", "stages.model", "stages.hyperparameters",
-        "stages.train_settings", "stages.search_algorithms", "stages.bohb_search",
+        "stages.train_settings", "stages.search_algorithms", "stages.bohb_search", "stages.trial_logs",
+        "stages.finished_checkpoints",
     ),
     "evaluate": ("stages.evaluate", "stages.ensemble", "stages.tune_results"),
 }

@@ -235,6 +235,7 @@ def run_trial(
         with tempfile.TemporaryDirectory() as folder:
             model.save(Path(folder) / CHECKPOINT_MODEL)
             (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(state))
+            metrics["checkpoint_bytes"] = sum(file.stat().st_size for file in Path(folder).iterdir())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         checkpoint_seconds = time.perf_counter() - saving  # the save, its upload to storage and Tune's round trip
 

@@ -49,6 +49,7 @@ def test_throughput_measures_every_trainer_in_every_layout(results):
             keras = next(r for r in rows if r["name"] == "plain Keras fit" and r["processes"] == row["processes"])
             assert row["median_vs_plain_keras"] == pytest.approx(row["median_rate"] / keras["median_rate"], abs=2e-3)
     assert "TF1 graph loop (seed)" in stdout and "slowest vs" in stdout
+    assert data["input_pipeline_images_per_second"] > 0 and "input pipeline alone" in stdout
 
 
 def test_pipeline_breakdown_adds_up_to_the_wall_time(results):
@@ -65,6 +66,10 @@ def test_pipeline_breakdown_adds_up_to_the_wall_time(results):
     kept = list((folder / "tune").glob("*/checkpoint_*"))
     assert run["disk"]["checkpoints_kept"] == len(kept) > 0
     assert 0 < run["disk"]["tune_folder_bytes"] < run["disk"]["run_folder_bytes"]
+    # written with Adam's two slots per weight, kept without them (train.slim_checkpoints)
+    assert run["disk"]["written_checkpoint_bytes"] > 2 * run["disk"]["kept_checkpoint_bytes"] > 0
+    written = run["disk"]["written_checkpoint_bytes"]
+    assert run["disk"]["checkpoint_bytes_written"] == pytest.approx(4 * written, rel=0.01)
     assert f"pipeline run {folder.name}" in stdout
 
 
@@ -86,3 +91,14 @@ def test_bad_arguments_are_refused_in_one_line():
         [sys.executable, "-m", "benchmarks", "--suites", "throughput,speed"], cwd=REPO, capture_output=True, text=True
     )
     assert finished.returncode == 2 and "unknown suite 'speed'" in finished.stderr
+
+
+def test_a_mirror_without_mnist_is_refused_in_one_line(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--suites", "throughput", "--mirror", str(tmp_path), "--work",
+         str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    assert "benchmarks: could not download a verified train-images-idx3-ubyte" in finished.stderr
+    assert "Traceback" not in finished.stderr

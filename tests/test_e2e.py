@@ -83,7 +83,7 @@ def test_tune_ran_two_trials_with_checkpoints_and_picked_the_best(finished_run):
         assert rows[0]["startup_seconds"] > 0 and all(row["startup_seconds"] == 0 for row in rows[1:])
         assert rows[0]["checkpoint_seconds"] == 0 and all(row["checkpoint_seconds"] > 0 for row in rows[1:])
         for row in rows:
-            assert row["train_seconds"] > 0 and row["validation_seconds"] > 0
+            assert row["train_seconds"] > 0 and row["validation_seconds"] > 0 and row["checkpoint_bytes"] > 10**6
             assert row["images_per_second"] * row["train_seconds"] == pytest.approx(2500, rel=0.01)  # 3,000 - 500
         assert all(a["reported_at"] < b["reported_at"] for a, b in zip(rows, rows[1:]))
         best_per_trial.append(max(row["val_accuracy"] for row in rows))
