@@ -68,7 +68,7 @@ def breakdown(folder: Path, *, wall: float, cpus: int) -> dict:
         },
         "trial_slots": train["slots"],
         "epochs_trained": train["epochs"],
-        "disk": disk(folder),
+        "disk": disk(folder, rows),
     }
 
 
@@ -118,12 +118,12 @@ def _train_breakdown(rows: list[dict], seconds: float, *, slots: int) -> dict:
     return {name: round(value / slots, 1) for name, value in parts.items()} | {"slots": slots, "epochs": len(rows)}
 
 
-def disk(folder: Path) -> dict:
-    """What the run left on disk, and what its checkpoints wrote."""
+def disk(folder: Path, rows: list[dict]) -> dict:
+    """What the run left on disk, and what its checkpoints wrote (`rows`: its trials.csv)."""
     tune = folder / "tune"
     checkpoints = [path for path in tune.glob("*/checkpoint_*") if path.is_dir()]
     sizes = [folder_bytes(path) for path in checkpoints]
-    written = [int(row.get("checkpoint_bytes") or 0) for row in csv.DictReader((folder / "trials.csv").open())]
+    written = [int(row.get("checkpoint_bytes") or 0) for row in rows]
     return {
         "run_folder_bytes": folder_bytes(folder),
         "tune_folder_bytes": folder_bytes(tune),

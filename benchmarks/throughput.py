@@ -100,11 +100,10 @@ def trials(splits: Splits, storage: Path, *, epochs: int, processes: int, thread
         splits.train, splits.validation, base=Hyperparameters(), settings=settings, storage_path=str(storage),
         experiment_name=f"trials-{processes}x{threads}",
     )
-    rates = []
-    for result_file in sorted(Path(outcome.experiment_path).glob("*/result.json")):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        rates.append([row["images_per_second"] for row in sorted(rows, key=lambda row: row["epoch"])])
-    return Measurement("pipeline trials", processes, threads, rates)
+    rates: dict[str, list[float]] = {}  # the outcome's history: one row per trial per epoch, in epoch order
+    for row in outcome.history:
+        rates.setdefault(row["trial_id"], []).append(row["images_per_second"])
+    return Measurement("pipeline trials", processes, threads, list(rates.values()))
 
 
 def input_pipeline_rate(splits: Splits, *, passes: int = 3, batch_size: int = 128) -> float:
