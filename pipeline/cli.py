@@ -263,7 +263,11 @@ def _run(config, *, resume: bool = False) -> int:
         STOP.run = run.location
         if resume:
             check_resume(config, run)
-        with run_lock(run), console() as tees, ray_session(config) as dashboard:
+        quiet_console = console(
+            verbose=logging.getLogger().isEnabledFor(logging.DEBUG),  # -v: the console shows what the log gets
+            gpus_wanted=config.train.gpus_per_trial > 0 or bool(config.ray.num_gpus),
+        )
+        with run_lock(run), quiet_console as tees, ray_session(config) as dashboard:
             STOP.install()  # again: ray.init put Ray's own in place (for SIGTERM a native stack dump and exit 1)
             check_cluster(config)
             storage.write_bytes(run.config_file, config.to_yaml().encode())

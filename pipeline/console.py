@@ -14,25 +14,76 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pipeline.live_view import LiveLine
 from pipeline.stopping import STOP
 from stages.errors import PipelineError
+from stages.progress import EPOCH_LINE, PREFIX, parse_seconds
 from stages.redact import redact
 
 
 @contextmanager
-def console():
+def console(*, verbose: bool = False, gpus_wanted: bool = False):
     """While Ray runs, what it shows from the tasks and trials on this console goes through a filter (Tee) that
-    keeps worker tracebacks and TensorFlow's chatter off the console (the run's log, once open, gets everything)."""
+    keeps worker tracebacks, TensorFlow's and Tune's chatter off the console (the run's log, once open, gets
+    everything); `verbose` shows everything. On a terminal the search's progress is one live line (LiveLine); off
+    one, lines come without colour codes. The driver's own log records go to the console the same way."""
     stdout, stderr = sys.stdout, sys.stderr
+    live = LiveLine(stdout) if stdout.isatty() and not verbose else None
     # Ray prints what tasks and trials write through sys.stdout/sys.stderr as it finds them
-    tees = Tee(stdout), Tee(stderr)
+    tees = (Tee(stdout, live=live, verbose=verbose, gpus_wanted=gpus_wanted),
+            Tee(stderr, live=live, verbose=verbose, gpus_wanted=gpus_wanted))
     sys.stdout, sys.stderr = tees
+    rerouted = _reroute_log_handlers({stdout: tees[0], stderr: tees[1]})
+    quieted = _quiet_ray_notes(verbose)
     try:
         yield tees
     finally:
         for tee in tees:
             tee.end_blocks()
+        if live is not None:
+            live.close()
+        for handler, stream in rerouted:
+            handler.setStream(stream)
+        for logger, level in quieted:
+            logger.setLevel(level)
         sys.stdout, sys.stderr = stdout, stderr
+
+
+def _reroute_log_handlers(tees: dict) -> list:
+    """The root logger's console handlers write through the tees' console side (the live line stays last, colour
+    codes go off a terminal); the run's log has a handler of its own. Returns (handler, its stream) to put back."""
+    rerouted = []
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if isinstance(handler, logging.StreamHandler) and stream in tees:
+            handler.setStream(_ConsoleSide(tees[stream]))
+            rerouted.append((handler, stream))
+    return rerouted
+
+
+def _quiet_ray_notes(verbose: bool) -> list:
+    """Ray's notes that are no news on a local Ray the pipeline starts (token authentication is on, as it is by
+    default) stay off the console; -v shows them."""
+    if verbose:
+        return []
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quieted = [(logger, logger.level)]
+    logger.setLevel(logging.ERROR)
+    return quieted
+
+
+class _ConsoleSide(io.TextIOBase):
+    """A Tee's console, for writers whose lines the run's log gets otherwise (the driver's log records)."""
+
+    def __init__(self, tee: Tee) -> None:
+        self._tee = tee
+
+    def write(self, text: str) -> int:
+        self._tee.show(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._tee.console.flush()
 
 
 @contextmanager
@@ -135,7 +186,13 @@ class Tee(io.TextIOBase):
       traceback are dropped from the console too.
     - TensorFlow's start-up chatter from each task and trial process (info lines its C++ logging prints before any
       setting can stop it), so that the console shows the run rather than a wall of logs;
-    - Tune's own lines when the run stops it (they suggest `Tuner.restore`; a run is continued with --resume).
+    - Tune's own lines when the run stops it (they suggest `Tuner.restore`; a run is continued with --resume);
+    - Tune's trial tables, per-trial boxes and notes, and CUDA's complaints where no GPU was asked for: the search's
+      own lines (`[search] ...`, stages.progress) say how it goes, without Ray's `(train_task pid=N)` in front; on a
+      terminal its epoch lines become the live line.
+
+    `verbose`: the console shows everything the log gets. Off a terminal the console gets no colour codes and no
+    progress bars (they redraw themselves with \r).
     """
 
     _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -147,6 +204,18 @@ class Tee(io.TextIOBase):
         r"|Experiment has been interrupted, but the most recent state was saved"
         r"|Resume experiment with: Tuner\.restore\()"
     )
+    # Tune's chatter (verbose=1 keeps its trial table in the run's log), by the message of a worker line
+    _TUNE_CHATTER = re.compile(
+        r"$|[\u2500-\u257f]"  # blank lines and the tables' box drawing
+        r"|Trial status:|Current time:|Logical resource usage:|Current best trial:"
+        r"|Trial \S+ (started with configuration:|completed after|finished iteration|errored after)"
+        r"|View detailed results here:|To visualize your results with TensorBoard"
+        r"|Wrote the latest version of all result files|Checkpoint successfully created at:"
+        r"|Experiment state snapshotting has been triggered|You may want to consider increasing the `CheckpointConfig"
+        r"|You can suppress this warning by setting the environment variable TUNE_WARN"
+        r"|Training (started|finished) (iteration|with)"
+    )
+    _NO_GPU_CHATTER = re.compile(r"failed call to cuInit|Could not find cuda drivers|cuda_(platform|executor)\.cc")
     _WORKER_LINE = re.compile(r"\((?P<source>[^()]*\bpid=[^()]*)\) (?P<message>.*)", re.DOTALL)
     _REPEATED = re.compile(r" *\[repeated \d+x across cluster\].*")  # and, the first time, Ray's note on it
     _TRACEBACK = "Traceback (most recent call last):"
@@ -157,8 +226,11 @@ class Tee(io.TextIOBase):
     # `OSError: ...`, `pickle.UnpicklingError: ...`, `ray.exceptions.RayTaskError(OSError): ...`, `KeyboardInterrupt`
     _EXCEPTION = re.compile(r"(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:\([\w.]*\))?(?::.*)?")
 
-    def __init__(self, console, sink=None):
+    def __init__(self, console, sink=None, *, live: LiveLine | None = None, verbose: bool = False,
+                 gpus_wanted: bool = False):
         self.console, self.sink = console, sink
+        self._live, self._verbose, self._gpus_wanted = live, verbose, gpus_wanted
+        self._terminal = _isatty(console)
         self._partial = ""
         self._tracebacks: dict[str, _Traceback] = {}  # by source (`name pid=N`): the traceback it is writing
         self._lock = threading.RLock()
@@ -166,7 +238,8 @@ class Tee(io.TextIOBase):
     def write(self, text: str) -> int:
         with self._lock:
             if "\r" in text:  # progress bars redraw themselves with \r: the console's business, not the log's
-                self.console.write(text)
+                if self._terminal:
+                    self._write_console(text)
                 return len(text)
             self._partial += text
             while "\n" in self._partial:
@@ -174,12 +247,35 @@ class Tee(io.TextIOBase):
                 self._line(line + "\n")
         return len(text)
 
+    def show(self, text: str) -> None:
+        """Writes to the console only (above the live line; colour codes off a terminal)."""
+        with self._lock:
+            self._write_console(text if self._terminal else self._ANSI.sub("", text))
+
     def _line(self, line: str) -> None:
         plain = self._ANSI.sub("", line)
         if self.sink is not None:
             self.sink.write(plain)
+        if self._verbose:
+            self._write_console(line if self._terminal else plain)
+            return
+        match = self._WORKER_LINE.fullmatch(plain.rstrip("\n"))
+        message = match["message"] if match else ""
+        if message.startswith(PREFIX):  # the search's own line: shown as it is, or as the live line
+            epoch = EPOCH_LINE.fullmatch(message)
+            if epoch is not None and self._live is not None:
+                self._live.update(epoch["status"], parse_seconds(epoch["eta"]))
+            else:
+                self._write_console(message + "\n")
+            return
         if self._shows(plain.rstrip("\n"), line.rstrip("\n")):
-            self.console.write(line)
+            self._write_console(line if self._terminal else plain)
+
+    def _write_console(self, text: str) -> None:
+        if self._live is not None:
+            self._live.write(self.console, text)
+        else:
+            self.console.write(text)
 
     def _shows(self, plain: str, line: str) -> bool:
         """Whether the console shows this line; follows the tracebacks of the line's source."""
@@ -190,6 +286,10 @@ class Tee(io.TextIOBase):
                 self._show_exception(traceback)
         if match is None:
             return not self._LOG_ONLY.search(plain)
+        if self._TUNE_CHATTER.match(match["message"].strip()) or (
+            not self._gpus_wanted and self._NO_GPU_CHATTER.search(match["message"])
+        ):
+            return False
         message = self._REPEATED.sub("", match["message"]).rstrip()
         repeated = message != match["message"].rstrip()
         traceback = self._tracebacks.get(source)
@@ -211,7 +311,8 @@ class Tee(io.TextIOBase):
     def _show_exception(self, traceback: _Traceback) -> None:
         if traceback.exception:
             where = " [traceback in pipeline.log]" if traceback.log is not None and traceback.log.writing else ""
-            self.console.write(f"{traceback.exception}{where}\n")
+            exception = traceback.exception if self._terminal else self._ANSI.sub("", traceback.exception)
+            self._write_console(f"{exception}{where}\n")
             traceback.exception = None
 
     def end_blocks(self) -> None:
@@ -239,3 +340,10 @@ class Tee(io.TextIOBase):
     @property
     def encoding(self):
         return getattr(self.console, "encoding", "utf-8")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return False

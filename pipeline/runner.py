@@ -94,7 +94,8 @@ def _start_local(config: Config):
             num_gpus=config.ray.num_gpus,
             include_dashboard=config.ray.include_dashboard,
             dashboard_host=config.ray.dashboard_host,
-            dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port),
+            dashboard_port=_free_port_from(config.ray.dashboard_host, config.ray.dashboard_port, say=bool(
+                config.ray.include_dashboard)),
             logging_level=logging.WARNING,
         )
     except OSError as error:
@@ -153,15 +154,16 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _free_port_from(host: str, port: int, attempts: int = 50) -> int:
-    """The first port from `port` on that is free: Ray refuses to start when the dashboard's port is taken."""
+def _free_port_from(host: str, port: int, attempts: int = 50, *, say: bool = True) -> int:
+    """The first port from `port` on that is free: Ray refuses to start when the dashboard's port is taken (even
+    with the dashboard off: its API server takes the port); `say`: tell the user of another port."""
     for candidate in range(port, min(port + attempts, 65536)):
         with socket.socket() as probe:
             try:
                 probe.bind((host, candidate))
             except OSError:
                 continue
-        if candidate != port:
+        if candidate != port and say:
             log.warning("dashboard port %d is in use; using %d", port, candidate)
         return candidate
     return port
@@ -371,10 +373,10 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
         else:
             outcome = train(train_ref, validation_ref, test_ref)
         with stage("evaluate") as outputs:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            cpus = _evaluate_cpus({"GPU": gpus, **config.ray.stage_resources.get("evaluate", {})})
             metrics = _get(
-                with_resources(
-                    evaluate_task, "evaluate", num_gpus=1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-                ).remote(
+                with_resources(evaluate_task, "evaluate", num_gpus=gpus, num_cpus=cpus).remote(
                     outcome, test_ref, config.evaluate, run.location, dict(seconds), config.train.epochs, level
                 )
             )
@@ -382,6 +384,15 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
     summary = RunSummary(run.run_id, run.location, metrics, {name: seconds[name] for name in STAGES}, skipped)
     storage.write_json(run.summary_file, summary_record(summary))
     return summary
+
+
+def _evaluate_cpus(demand: dict[str, float], most: int = 8) -> int:
+    """The CPUs the evaluate task takes: the trials are done, so as many as the largest node that can run it has
+    (TensorFlow predicts on that many threads), at most `most`: 10,000 images gain little from more. One where no
+    node that is up can run it (an autoscaler will add one)."""
+    offers = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    cpus = [offer.get("CPU", 0) for offer in offers if _fits(demand, offer)]
+    return int(max(1, min(most, max(cpus, default=1))))
 
 
 def summary_record(summary: RunSummary) -> dict[str, Any]:

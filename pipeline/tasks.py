@@ -182,7 +182,9 @@ def evaluate_task(
 
     started = time.perf_counter()
     _worker_logging(log_level)
-    configure_tensorflow(1)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # the runner gives it a node's worth
+    configure_tensorflow(cpus)
+    log.info("evaluate: TensorFlow on %d threads", max(1, int(cpus)))
     run = RunFolder(run_location)
     storage.write_bytes(storage.join(run.location, TRIALS_TABLE), history_csv(outcome.history))
     with outcome.best_checkpoint.as_directory() as checkpoint_folder:  # a download when the run is remote

@@ -17,6 +17,7 @@ from stages.tune_results import searched_hyperparameters as varied_hyperparamete
 
 FIGURES = ("curves", "hyperparameters", "confusion", "mistakes", "per_class")
 MAX_MISTAKES_SHOWN = 40
+_CAPTION_PIXELS, _GAP_PIXELS = 12, 6  # in image pixels, around each digit of the mistakes figure
 _ACCENT, _MUTED, _STOPPED = "#d62728", "#9aa5b1", "#1f77b4"
 
 
@@ -174,17 +175,25 @@ def _mistakes(inputs: ReportInputs) -> bytes:
     columns = 10
     rows = max(1, math.ceil(len(wrong) / columns))
     figure, plt = _figure(columns * 1.1, rows * 1.35 + 0.4)
-    predicted = inputs.probabilities.argmax(axis=1)
-    for position, index in enumerate(wrong, start=1):
-        axes = figure.add_subplot(rows, columns, position)
-        axes.imshow(inputs.test_images[index], cmap="gray_r")
-        axes.set_title(
-            f"{inputs.test_labels[index]}→{predicted[index]} {inputs.probabilities[index, predicted[index]]:.0%}",
-            fontsize=8, color=_ACCENT,
-        )
-        axes.axis("off")
+    axes = figure.add_axes((0, 0, 1, 0.93))
+    axes.axis("off")
     if not len(wrong):
         figure.text(0.5, 0.5, "no mistakes on the test set", ha="center")
+    else:
+        # one image with every digit in its cell and the captions as text: an axes per digit took seconds to draw
+        height, width = inputs.test_images.shape[1:3]
+        cell_height, cell_width = height + _CAPTION_PIXELS, width + _GAP_PIXELS
+        mosaic = np.zeros((rows * cell_height, columns * cell_width), dtype=inputs.test_images.dtype)
+        predicted = inputs.probabilities.argmax(axis=1)
+        for position, index in enumerate(wrong):
+            top, left = (position // columns) * cell_height + _CAPTION_PIXELS, (position % columns) * cell_width
+            mosaic[top:top + height, left:left + width] = inputs.test_images[index]
+            axes.text(
+                left + width / 2, top - 1,
+                f"{inputs.test_labels[index]}→{predicted[index]} {inputs.probabilities[index, predicted[index]]:.0%}",
+                fontsize=8, color=_ACCENT, ha="center", va="bottom",
+            )
+        axes.imshow(mosaic, cmap="gray_r", interpolation="nearest", aspect="equal")
     figure.suptitle(f"Test images the model got wrong (true→predicted, confidence); "
                     f"{len(wrong)} most confident shown", fontsize=10)
     return _png(figure, plt)

@@ -19,7 +19,9 @@ from stages import storage
 from stages.errors import BadInputError, StorageError, TrainingError
 from stages.finished_checkpoints import slim_finished_checkpoints
 from stages.hyperparameters import Hyperparameters
+from stages.preload import PreloadForEvaluation
 from stages.preprocess import LabeledImages
+from stages.progress import SearchProgress
 from stages.search_algorithms import (
     STOP_REASON_FILE,
     EpochsDone,
@@ -132,6 +134,7 @@ def train(
             num_samples=settings.num_samples,
             scheduler=make_scheduler(settings),
             search_alg=make_searcher(settings, base, seed),  # it limits the trials at once itself
+            reuse_actors=settings.reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=experiment_name,
@@ -144,7 +147,11 @@ def train(
             ),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             sync_config=tune.SyncConfig(sync_period=snapshot_seconds),
-            callbacks=[JsonLog(), CsvLog()],  # Tune's own loggers lose rows when a trial restarts (trial_logs.py)
+            callbacks=[
+                JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (trial_logs.py)
+                SearchProgress(settings.trial_count, settings.epochs),  # the console's lines (stages.progress)
+                PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
+            ],
             verbose=1,  # the trial table as it changes; per-trial result boxes would drown it
         ),
     )

@@ -151,6 +151,11 @@ class TrainSettings(BaseModel):
         description="once the search has finished, keep only each trial's best checkpoint, without optimizer state "
         "(a third of the size); false: keep what Tune kept",
     )
+    reuse_actors: bool = Field(
+        True,
+        description="a trial that ends hands its process, TensorFlow loaded, to the next trial (Tune's "
+        "reuse_actors); false: every trial starts a fresh process",
+    )
     max_failures: int = Field(
         2, ge=-1, le=100, description="retries of a crashed trial from its last checkpoint; -1: forever"
     )

@@ -181,6 +181,7 @@ def run_trial(
 
     from stages.model import build_model  # also registers the model's own Keras objects, which checkpoints name
 
+    keras.backend.clear_session()  # a reused process (train.reuse_actors): the last trial's model and state go
     context = tune.get_context()
     seed_of_trial = trial_seed(seed, trial_key(context.get_trial_id(), context.get_trial_dir()))
     hp = Hyperparameters.model_validate({key: to_python(value) for key, value in config.items()})

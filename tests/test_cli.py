@@ -162,7 +162,11 @@ def test_worker_tracebacks_go_to_the_log_and_their_exception_line_to_the_console
 
     from pipeline.console import LogSink, Tee
 
-    console = io.StringIO()
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    console = Terminal()
     sink = LogSink.__new__(LogSink)  # a log that writes to memory
     sink._console, sink._file = console, io.StringIO()
     tee = Tee(console, sink)
@@ -177,12 +181,9 @@ def test_worker_tracebacks_go_to_the_log_and_their_exception_line_to_the_console
     assert shown == [
         "(train_task pid=14298) Trial task failed for trial run_trial_873f8_00000",
         "(train_task pid=14298) " + NO_SPACE + where,
-        "(run_trial pid=14657) Checkpoint successfully created at: Checkpoint(filesystem=local, "
-        "path=/runs/full/tune/run_trial_873f8_00000/checkpoint_000000)",
+        # Tune's note of each checkpoint and snapshot: the log's
         "(train_task pid=14298) Saving experiment state to storage at '/runs/full/tune' failed with exception: ",
         "(train_task pid=14298) " + NO_SPACE + where,
-        "(train_task pid=14298) Wrote the latest version of all result files and experiment state to "
-        "'/runs/full/tune' in 0.0165s.",
         "(train_task pid=14298) Trials did not complete: [run_trial_873f8_00000]",
         "train-images-idx3-ubyte:  50%|█████     | 4.86M/9.72M",
     ]
@@ -206,3 +207,101 @@ def test_a_traceback_is_over_when_its_source_says_something_else_or_the_run_ends
     assert console.getvalue().splitlines() == ["(pid=7) KeyboardInterrupt", "(pid=7) Done."]
     tee.end_blocks()
     assert console.getvalue().splitlines()[-1] == "(pid=8) ValueError: bad"
+
+
+# What a search's train task and trials print, as Ray shows it on the driver (from a real run, trimmed)
+CHATTER = [
+    TRAIN + "",
+    TRAIN + "Trial status: 2 PENDING",
+    TRAIN + "Current time: 2026-11-30 06:26:53. Total running time: 0s",
+    TRAIN + "Logical resource usage: 2.0/2 CPUs, 0/0 GPUs",
+    TRAIN + "╭──────────────────────────────────────────╮",
+    TRAIN + "│ Trial name              status           │",
+    TRAIN + "╰──────────────────────────────────────────╯",
+    TRAIN + "Trial run_trial_08426_00000 started with configuration:",
+    TRAIN + "View detailed results here: /tmp/tiny/20261130-062644-06f2bb/tune",
+    TRAIN + "To visualize your results with TensorBoard, run: `tensorboard --logdir /tmp/ray/session_2026-11-30`",
+    TRIAL + "E0000 00:00:1796020020.630767   21230 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+    "Failed call to cuInit: UNKNOWN ERROR (303)",
+    TRAIN + "Experiment state snapshotting has been triggered multiple times in the last 5.0 seconds and may become a "
+    "bottleneck.",
+    TRAIN + "Trial run_trial_08426_00000 completed after 1 iterations at 2026-11-30 06:27:08. Total running time: 15s",
+]
+SEARCH = [
+    TRAIN + "[search] 08426_00000 epoch 1/2: val_accuracy 0.9512 | trials 0 done, 2 running, 2 pending | epochs 1/8 "
+    "| best 0.9512 (08426_00000) | ETA 3m30s",
+    TRAIN + "[search] 08426_00001 epoch 1/2: val_accuracy 0.9620 | trials 0 done, 2 running, 2 pending | epochs 2/8 "
+    "| best 0.9620 (08426_00001) | ETA 2m58s",
+    TRAIN + "[search] trial 08426_00000 finished: best val_accuracy 0.9801 (dropout=0.3592, learning_rate=0.0015)",
+]
+REAL_ERROR = TRAIN + "Trials did not complete: [run_trial_08426_00003]"
+
+
+def tee_fed(lines: list[str], *, terminal: bool, **options):
+    """A Tee over an in-memory console (a terminal or not) and log, fed `lines` the way Ray prints them."""
+    import io
+
+    from pipeline.console import LogSink, Tee
+    from pipeline.live_view import LiveLine
+
+    class Console(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    console = Console()
+    sink = LogSink.__new__(LogSink)
+    sink._console, sink._file = console, io.StringIO()
+    live = LiveLine(console, width=400) if terminal and not options.get("verbose") else None
+    tee = Tee(console, sink, live=live, **options)
+    for line in lines:
+        print(line, file=tee)
+    tee.write("\rtrain-images-idx3-ubyte:  50%|█████     | 4.86M/9.72M\r")  # a progress bar, redrawn
+    tee.end_blocks()
+    if live is not None:
+        live.close()
+    return console.getvalue(), sink._file.getvalue()
+
+
+def test_off_a_terminal_the_console_shows_the_search_lines_and_real_errors_only_without_colour_codes():
+    shown, logged = tee_fed(CHATTER + SEARCH + [REAL_ERROR], terminal=False)
+    assert "\x1b" not in shown and "\r" not in shown
+    assert shown.splitlines() == [
+        SEARCH[0].removeprefix(TRAIN), SEARCH[1].removeprefix(TRAIN), SEARCH[2].removeprefix(TRAIN),
+        re.sub(r"\x1b\[[0-9;]*m", "", REAL_ERROR),
+    ]
+    # the log keeps everything, without colour codes
+    assert logged == re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", "".join(line + "\n" for line in CHATTER + SEARCH +
+                                                                  [REAL_ERROR]))
+
+
+def test_cuda_complaints_show_where_gpus_were_asked_for_and_verbose_shows_everything():
+    shown, _ = tee_fed(CHATTER, terminal=False, gpus_wanted=True)
+    assert [line for line in shown.splitlines()] == [re.sub(r"\x1b\[[0-9;]*m", "", CHATTER[10])]
+    shown, logged = tee_fed(CHATTER + SEARCH, terminal=False, verbose=True)
+    assert shown == logged
+
+
+def test_on_a_terminal_the_epoch_lines_become_one_live_line_under_the_others():
+    shown, _ = tee_fed(SEARCH + [REAL_ERROR], terminal=True)
+    screen = _screen(shown)
+    # the finished trial and the error stay; the live line (the last epoch's status, its ETA counting down from
+    # 2m58s) was lifted for them, put back after them, and removed at the end
+    assert screen[:2] == [SEARCH[2].removeprefix(TRAIN), re.sub(r"\x1b\[[0-9;]*m", "", REAL_ERROR)]
+    live = re.findall(r"\r\x1b\[K(training: [^\r\n]*)", shown)
+    assert live and all(text.startswith("training: trials 0 done, 2 running, 2 pending") for text in live)
+    assert re.fullmatch(r"training: .* \| best 0\.9620 \(08426_00001\) \| ETA 2m5\ds", live[-1]), live[-1]
+    assert "\rtrain-images-idx3-ubyte:  50%" in shown  # a progress bar is a terminal's
+
+
+def _screen(output: str) -> list[str]:
+    """What a terminal shows after `output`: \\r returns to the line's start, \\x1b[K erases the rest of it."""
+    lines, current = [], ""
+    for token in re.split(r"(\r|\n|\x1b\[K)", re.sub(r"\x1b\[[0-9;]*m", "", output)):
+        if token == "\n":
+            lines.append(current)
+            current = ""
+        elif token in ("\r", "\x1b[K"):
+            current = "" if token == "\x1b[K" else current
+        else:
+            current += token
+    return lines + ([current] if current else [])

@@ -274,7 +274,8 @@ def test_the_run_folder_keeps_the_full_log(finished_run):
     text = (folder / "pipeline.log").read_text()
     for expected in ["run e2e: started", "stage download: started", "(download_task pid=", "(preprocess_task pid=",
                      "Trial status:", "TERMINATED", "stage evaluate: done", "run e2e finished in", "report:",
-                     "run stopped: test accuracy 0."]:
+                     "run stopped: test accuracy 0.",
+                     "evaluate: TensorFlow on 2 threads"]:  # the trials are done: evaluate takes the node's 2 CPUs
         assert expected in text, expected
     # ASHA with 2 trials at once on 2 CPUs: said before any stage starts
     warning = text.index("this search cannot be repeated exactly from run.seed: ASHA compares each trial")
@@ -296,3 +297,72 @@ def test_browser_screenshots_of_the_report_and_tensorboard(finished_run, tmp_pat
         shot = Image.open(tmp_path / "shots" / f"{name}.png")
         assert shot.size == (1280, 2400)
         assert len(set(shot.convert("L").resize((64, 120)).getdata())) > 20, f"{name} looks blank"
+
+
+def test_the_console_off_a_terminal_reads_as_plain_lines(finished_run):
+    """Captured output (no terminal): no colour codes, none of Tune's tables or CUDA's complaints, one progress line
+    per trial epoch with an ETA, one line per finished trial; pipeline.log still has Tune's tables."""
+    import re
+
+    folder, result = finished_run
+    console = result.stdout + result.stderr
+    assert "\x1b" not in console and "\r" not in console
+    for noise in ["cuInit", "Token authentication", "Trial status:", "╭", "started with configuration",
+                  "tensorboard --logdir /tmp/ray", "dashboard port"]:
+        assert noise not in console, noise
+    epochs = re.findall(r"^\[search\] (\S+) epoch (\d)/2: val_accuracy 0\.\d{4} \| trials \d done, \d running, \d "
+                        r"pending \| epochs (\d)/\d \| best 0\.\d{4} \(\S+\) \| ETA \S+$", console, re.MULTILINE)
+    trials = json.loads((folder / "metrics.json").read_text())["trials"]
+    assert sorted((trial, int(epoch)) for trial, epoch, _ in epochs) == sorted(
+        (trial["trial_id"], epoch) for trial in trials for epoch in range(1, trial["epochs"] + 1)
+    )
+    assert [int(trained) for *_, trained in epochs] == list(range(1, len(epochs) + 1))  # counted as they come
+    for trial in trials:
+        assert re.search(rf"^\[search\] trial {trial['trial_id']} (finished|stopped early after epoch 1): best "
+                         rf"val_accuracy {trial['best_val_accuracy']:.4f}", console, re.MULTILINE), trial["trial_id"]
+    assert "Trial status:" in (folder / "pipeline.log").read_text()
+
+
+def test_on_a_terminal_the_search_is_one_live_line_with_an_eta(tmp_path, mnist_mirror):
+    """The CLI under a pseudo-terminal: the epochs show as one line redrawn in place, trials that end get a line of
+    their own, and neither CUDA's nor Ray's notes reach the screen."""
+    import pty
+    import re
+    import select
+
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--run-id", "tty", "--set", f"run.root={tmp_path}",
+         "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"data.mirrors=[{mnist_mirror}]",
+         "--set", "data.max_train_images=1500", "--set", "data.validation_size=500",
+         "--set", "data.max_test_images=500", "--set", "model.conv1_filters=8", "--set", "model.conv2_filters=16",
+         "--set", "model.dense_units=64", "--set", "train.epochs=2", "--set", "train.num_samples=2",
+         "--set", "train.scheduler=fifo", "--set", "ray.num_cpus=2", "--set", "ray.include_dashboard=false"],
+        stdin=secondary, stdout=secondary, stderr=secondary, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    os.close(secondary)
+    output = b""
+    while True:
+        ready, _, _ = select.select([primary], [], [], 600)
+        if not ready:
+            process.kill()
+            break
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal's other side closed: the run ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=60) == 0, output.decode(errors="replace")[-3000:]
+    os.close(primary)
+    text = output.decode()
+    live = re.findall(r"\r\x1b\[K(training: [^\r\n]*)", text)
+    assert live and all(re.fullmatch(r"training: trials \d done, \d running, \d pending \| epochs \d/4 \| best "
+                                     r"(-|0\.\d{4} \(\S+\))( \| ETA \S+)?", line) for line in live), live[:5]
+    assert any(" | ETA " in line for line in live)
+    assert not re.search(r"^\[search\] \S+ epoch", text, re.MULTILINE), "epoch lines are the live line's"
+    assert len(re.findall(r"\[search\] trial \S+ finished: best val_accuracy", text)) == 2
+    for noise in ["cuInit", "Token authentication", "Trial status:"]:
+        assert noise not in text, noise
+    assert "run tty finished in" in text

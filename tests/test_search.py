@@ -250,6 +250,51 @@ def test_a_finished_search_keeps_each_trials_best_checkpoint_without_optimizer_s
     assert Path(again.best_checkpoint_location, "model.keras").is_file()
 
 
+def test_trials_reusing_one_process_train_as_trials_in_fresh_ones(data, tmp_path):
+    # three trials one at a time: with reuse_actors the second and third run in the first one's process (Tune puts
+    # the process id in every result), without it each has its own; the numbers are the same to the bit either way
+    def one_at_a_time(reuse: bool) -> list[dict]:
+        outcome = run(data, tmp_path / str(reuse), settings(
+            epochs=1, num_samples=3, max_concurrent_trials=1, reuse_actors=reuse,
+            search_space={"dropout": {"uniform": [0.1, 0.5]}},
+        ))
+        return trials_in_order(Path(outcome.experiment_path))
+
+    reused, fresh = one_at_a_time(True), one_at_a_time(False)
+    assert len({trial["rows"][0]["pid"] for trial in reused}) == 1
+    assert len({trial["rows"][0]["pid"] for trial in fresh}) == 3
+    numbers = ("trial_seed", "val_accuracy", "val_loss", "train_loss")
+    assert [[trial["rows"][0][key] for key in numbers] for trial in reused] == [
+        [trial["rows"][0][key] for key in numbers] for trial in fresh
+    ]
+    assert len({trial["rows"][0]["val_loss"] for trial in reused}) == 3  # three different trials, not one thrice
+
+
+def test_evaluation_modules_load_in_the_train_process_once_no_trial_waits(data, tmp_path):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def train_in_a_fresh_worker(refs: list, root: str, base, search, seed: int) -> tuple[bool, bool, bool]:
+        import sys
+
+        from stages.preload import MODULES, preloading
+        from stages.train import train
+
+        before = all(name in sys.modules for name in MODULES)
+        train(*refs, base=base, settings=search, storage_path=root, seed=seed)
+        thread = preloading()
+        if thread is not None:
+            thread.join(timeout=120)
+        return before, thread is not None, all(name in sys.modules for name in MODULES)
+
+    # a runtime env of its own: a worker no other task of this session has used
+    task = train_in_a_fresh_worker.options(runtime_env={"env_vars": {"PRELOAD_TEST": str(tmp_path)}})
+    search = settings(epochs=1, num_samples=3, max_concurrent_trials=2)  # the 3rd waits, then none does
+    before, started, after = ray.get(task.remote(list(data), str(tmp_path), BASE, search, SEED))
+    assert not before, "the worker had them already: the test shows nothing"
+    assert started and after
+
+
 def replay(searcher, trials: list[dict], space: dict, *, results: bool = True) -> list[dict]:
     """What `searcher` suggests for the trials, given each one's results before the next (one trial at a time), or
     none of them (all trials at once)."""
