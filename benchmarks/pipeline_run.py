@@ -85,7 +85,9 @@ def _train_breakdown(rows: list[dict], seconds: float, *, slots: int) -> dict:
     )}
     full_rate = statistics.median(number["images_per_second"])
     images = [rate * spent for rate, spent in zip(number["images_per_second"], number["train_seconds"])]
-    at_full_rate = sum(images) / full_rate
+    # an epoch at or above the median rate trained at full rate all along; a slower one, for what the median rate
+    # needed: the rest of its time is "below full rate" (never negative)
+    at_full_rate = sum(min(spent, count / full_rate) for count, spent in zip(images, number["train_seconds"]))
     trained = sum(number["train_seconds"])
     # a trial's process trains from its first reported epoch to its last: group its rows by process (a restored or
     # retried trial starts a new process, whose first epoch carries start-up seconds)

@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(show)
 
     runs = commands.add_parser(
-        "runs", help="list the runs under run.root with their accuracies",
-        description="List the runs under run.root: status (finished, or the stage it stopped in), validation and "
-        "test accuracy, trials, time.",
+        "runs", help="list the runs under run.root with their accuracies, or compare runs side by side",
+        description="Without RUN: list the runs under run.root: status (finished, or the stage it stopped in), "
+        "validation and test accuracy, trials, time. With two or more RUNs (ids under run.root, folders or URIs): "
+        "those runs side by side, and every setting they differ in.",
     )
+    runs.add_argument("runs", metavar="RUN", nargs="*", help="runs to compare (two or more)")
     add_config_arguments(runs)
 
     predict = commands.add_parser(
@@ -141,9 +143,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(config.to_yaml(), end="")
         return 0
     if args.command == "runs":
-        from pipeline.runs import format_runs, list_runs
+        from pipeline.runs import compare_runs, format_runs, list_runs
 
-        print(format_runs(list_runs(config.run.root), config.run.root))
+        if args.runs:
+            print(compare_runs(args.runs, config.run.root))
+        else:
+            print(format_runs(list_runs(config.run.root), config.run.root))
         return 0
     if args.command == "predict":
         return _predict(args, config.run.root)
@@ -243,8 +248,10 @@ def _run(config, *, resume: bool = False) -> int:
         format_summary,
         ray_session,
         run_pipeline,
+        summary_record,
     )
     from pipeline.stopping import remove_partial_files, stop_tune
+    from pipeline.tracking import open_tracking
     from stages import storage
 
     handlers = STOP.start()  # SIGTERM ends the run like Ctrl-C, from the start
@@ -263,6 +270,7 @@ def _run(config, *, resume: bool = False) -> int:
         STOP.run = run.location
         if resume:
             check_resume(config, run)
+        tracking = open_tracking(config, run, resume=resume)  # before Ray: a server out of reach refuses at once
         quiet_console = console(
             verbose=logging.getLogger().isEnabledFor(logging.DEBUG),  # -v: the console shows what the log gets
             gpus_wanted=config.train.gpus_per_trial > 0 or bool(config.ray.num_gpus),
@@ -278,11 +286,16 @@ def _run(config, *, resume: bool = False) -> int:
                     log.info("Ray dashboard: %s", dashboard)
                 check_search(config)
                 try:
-                    summary = run_pipeline(config, run, resume=resume)
+                    summary = run_pipeline(config, run, resume=resume, tracking=tracking)
                 except BaseException:
                     if STOP.signum is not None:
                         stop_tune(run)
+                    if tracking is not None:
+                        tracking.finish(run, None, None, stopped=STOP.signum is not None)
                     raise
+                if tracking is not None:
+                    tracking.finish(run, summary_record(summary) | {"test_loss": summary.metrics.get("test_loss")},
+                                    config.tracking.register_model)
                 print(format_summary(summary))
                 check_quality_gate(config, summary)
     except SystemExit as error:

@@ -245,6 +245,25 @@ class EvaluateSection(BaseModel):
     )
 
 
+class TrackingSection(BaseModel):
+    model_config = _SECTION
+
+    mlflow_uri: Annotated[str, Field(min_length=1, max_length=MAX_URL), AfterValidator(_one_line)] | None = Field(
+        None,
+        description="MLflow tracking server (http(s)://host:port, databricks, ...): a parent run per pipeline run, a "
+        "child run per trial; null: $MLFLOW_TRACKING_URI if set, else no tracking",
+    )
+    experiment: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_one_line)] = Field(
+        "mnist-pipeline", description="MLflow experiment the runs go to (created if missing)"
+    )
+    required: bool = Field(
+        True, description="a server that cannot be reached at the start refuses the run (exit 2); false: a warning"
+    )
+    register_model: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_one_line)] | None = Field(
+        None, description="also register the exported model as a new version of this registered model; null: no"
+    )
+
+
 class Config(BaseModel):
     """The whole config; each stage receives only its own section."""
 
@@ -256,6 +275,7 @@ class Config(BaseModel):
     model: Hyperparameters = Field(default_factory=Hyperparameters)
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _model_fits(self) -> "Config":
@@ -311,3 +331,13 @@ def to_plain(config: BaseModel) -> dict:
         plain["train"]["search_space"] = {name: {spec["kind"]: spec["args"]} for name, spec in space.items()}
     return plain
 
+
+def dotted(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections flattened to dotted keys: {"train": {"epochs": 2}} -> {"train.epochs": 2}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -187,6 +187,8 @@ class Tee(io.TextIOBase):
     - TensorFlow's start-up chatter from each task and trial process (info lines its C++ logging prints before any
       setting can stop it), so that the console shows the run rather than a wall of logs;
     - Tune's own lines when the run stops it (they suggest `Tuner.restore`; a run is continued with --resume);
+    - credentials in URIs, whoever printed them (MLflow prints links to its runs): redacted on the console and in
+      the log;
     - Tune's trial tables, per-trial boxes and notes, and CUDA's complaints where no GPU was asked for: the search's
       own lines (`[search] ...`, stages.progress) say how it goes, without Ray's `(train_task pid=N)` in front; on a
       terminal its epoch lines become the live line.
@@ -253,6 +255,8 @@ class Tee(io.TextIOBase):
             self._write_console(text if self._terminal else self._ANSI.sub("", text))
 
     def _line(self, line: str) -> None:
+        if "://" in line:  # credentials in a URI a library printed (MLflow's links to its runs) are never shown
+            line = redact(line)
         plain = self._ANSI.sub("", line)
         if self.sink is not None:
             self.sink.write(plain)

@@ -249,6 +249,10 @@ def check_exported_model(run: RunFolder) -> None:
         raise DamagedFile(location, f"garbled ({corrupt} fails its checksum)")
 
 
+# sections added to the config after runs were saved without them: such a run's config takes their defaults
+LATER_SECTIONS = ("tracking",)
+
+
 def check_run_config(run: RunFolder) -> bool:
     """Whether the run has a config.yaml, made sure it is a whole one: a run saves its whole resolved config, every
     section, so one that lacks a section was cut short, and reading it would quietly put defaults in its place.
@@ -274,7 +278,7 @@ def check_run_config(run: RunFolder) -> bool:
         raise DamagedFile(run.config_file, "not text (binary data)") from None
     if not isinstance(config, dict):
         raise DamagedFile(run.config_file, f"{_a(kind_of(config))}, not a mapping of sections")
-    missing = [section for section in Config.model_fields if section not in config]
+    missing = [section for section in Config.model_fields if section not in config and section not in LATER_SECTIONS]
     if missing:
         raise DamagedFile(run.config_file, f"no {missing[0]!r} section (cut short?)")
     return True

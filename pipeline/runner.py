@@ -247,13 +247,15 @@ def _autoscaler_node_groups() -> list[tuple[dict[str, float], int]]:
     return [(dict(group.resources), group.max_count) for group in cluster_config.node_group_configs]
 
 
-def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> RunSummary:
+def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracking=None) -> RunSummary:
     """download → preprocess → train → evaluate, each a Ray task; artifacts go to `run`.
 
     Each finished stage is recorded in the run's stages.json. With `resume`, a stage recorded as finished with the
     inputs it has now is skipped if its outputs are whole, and runs again if they are missing or damaged (data/,
     metrics.json, model/model.keras, the Tune experiment); an interrupted Tune experiment is restored. A damaged
     experiment is moved aside (tune.damaged-<time>/), never deleted, and train starts anew.
+
+    With `tracking` (pipeline.tracking), every trial gets a child run of its parent run on the MLflow server.
 
     Raises:
       PipelineError: a stage failed in a way worth one line.
@@ -350,7 +352,8 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False) -> Run
             beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             outcome = _get(
                 train_task.options(scheduling_strategy=beside_driver).remote(
-                    splits, config.model, config.train, config.run.seed, run.location, resume, level
+                    splits, config.model, config.train, config.run.seed, run.location, resume, level,
+                    (tracking.target, tracking.uri) if tracking is not None else None,
                 )
             )
             outputs["best_trial_id"] = outcome.best_trial_id

@@ -1,4 +1,5 @@
-"""`mnist-pipeline runs`: the runs under a run root, newest last, with how far each got and how well it did.
+"""`mnist-pipeline runs`: the runs under a run root, newest last, with how far each got and how well it did; with
+two or more runs named, those runs side by side (`compare_runs`): results, time, and the settings they differ in.
 
 A damaged run (a file of it unreadable, truncated or of another shape) is listed as "damaged (<file>: <what>)":
 one bad folder never hides the others, and never stops the listing.
@@ -10,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.bounded_yaml import MAX_CONFIG_BYTES
+from pipeline.config import dotted
 from pipeline.run_files import (
     INTEGER,
     MAPPING,
@@ -18,9 +21,10 @@ from pipeline.run_files import (
     check_run_config,
     names_in,
     read_json_object,
+    read_run_file,
     shape_problem,
 )
-from pipeline.run_folder import RUN_MARKER, RunFolder
+from pipeline.run_folder import RUN_MARKER, RunFolder, locate_run
 from pipeline.stage_records import StageRecords
 from stages import storage
 from stages.errors import BadInputError
@@ -29,6 +33,8 @@ STAGES = ("download", "preprocess", "train", "evaluate")
 _RUN_FILES = {RUN_MARKER, "config.yaml", "stages.json"}  # any of them: a run, or what is left of one
 _SUMMARY_FIELDS = {"val_accuracy": NUMBER, "test_accuracy": NUMBER, "trials": INTEGER, "stage_seconds": MAPPING}
 _MAX_WHAT = 60  # characters of a damage's description in the table
+_MAX_CELL = 30  # characters of a value in the side-by-side table
+_NOT_COMPARED = ("run.id", "run.root")  # where a run is, not how it ran
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class RunInfo:
     test_accuracy: float | None
     trials: int | None
     seconds: float | None
+    best_trial_id: str | None = None
 
 
 def list_runs(root: str) -> list[RunInfo]:
@@ -75,8 +82,9 @@ def _describe(run: RunFolder) -> RunInfo:
     for artifact in (run.metrics_file, run.model_file):  # what a finished run is for; their insides: `run --resume`
         if not storage.exists(artifact):
             raise DamagedFile(artifact, "missing")
+    best = summary.get("best_trial_id")
     return RunInfo(run.run_id, "finished", summary["val_accuracy"], summary["test_accuracy"], summary["trials"],
-                   sum(summary["stage_seconds"].values()))
+                   sum(summary["stage_seconds"].values()), best if isinstance(best, str) else None)
 
 
 def _read_summary(run: RunFolder) -> dict:
@@ -123,6 +131,67 @@ def format_runs(runs: list[RunInfo], root: str) -> str:
                  + (f" ({damaged} damaged)" if damaged else "")
                  + "; resume a stopped or damaged one with `mnist-pipeline run --resume RUN`")
     return "\n".join(lines)
+
+
+def compare_runs(names: list[str], root: str) -> str:
+    """Two or more runs (ids under `root`, folders or URIs) side by side: status, accuracies, best trial, trials and
+    time, then every setting whose value differs between them (a run without a readable config.yaml says so).
+
+    Raises:
+      BadInputError: fewer than two runs, or one that is not there.
+    """
+    if len(names) < 2:
+        raise BadInputError("runs: name two or more runs to compare, or none to list every run")
+    runs = [locate_run(name, root) for name in names]
+    for name, run in zip(names, runs):
+        if not storage.exists(run.location):
+            raise BadInputError(f"runs: no run {name!r} ({run.location} does not exist)")
+    infos = [describe_run(storage.parent_of(run.location), run.run_id) for run in runs]
+    rows = [
+        ("status", [info.status for info in infos]),
+        ("val accuracy", [_percent(info.val_accuracy) for info in infos]),
+        ("test accuracy", [_percent(info.test_accuracy) for info in infos]),
+        ("best trial", [info.best_trial_id or "–" for info in infos]),
+        ("trials", [str(info.trials) if info.trials is not None else "–" for info in infos]),
+        ("time", [_minutes(info.seconds) for info in infos]),
+    ]
+    settings = [_settings_of(run) for run in runs]
+    keys = sorted({key for values in settings if values is not None for key in values} - set(_NOT_COMPARED))
+    differing = [
+        (key, [("(no config)" if values is None else _cell(values.get(key, "–"))) for values in settings])
+        for key in keys
+        if len({repr(values.get(key, "–")) if values is not None else None for values in settings}) > 1
+    ]
+    lines = _columns([("", [info.run_id for info in infos]), *rows, *differing])  # one set of column widths
+    lines.insert(1 + len(rows), "settings that differ:" if differing else "settings: the same in every run")
+    return "\n".join(lines)
+
+
+def _settings_of(run: RunFolder) -> dict | None:
+    """The run's config.yaml as dotted keys ("train.epochs"); None when it is missing or unreadable."""
+    import yaml
+
+    try:
+        data = read_run_file(run.config_file, MAX_CONFIG_BYTES)
+        config = yaml.safe_load(data) if data is not None else None
+    except (DamagedFile, yaml.YAMLError, OSError):
+        return None
+    return dotted(config) if isinstance(config, dict) else None
+
+
+def _cell(value) -> str:
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    text = " ".join(text.split())  # one line, whatever a value holds
+    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+
+
+def _columns(rows: list[tuple[str, list[str]]]) -> list[str]:
+    label = max(len(name) for name, _ in rows) + 2
+    widths = [max(len(values[column]) for _, values in rows) for column in range(len(rows[0][1]))]
+    return [
+        (f"{name:<{label}}" + "  ".join(value.ljust(width) for value, width in zip(values, widths))).rstrip()
+        for name, values in rows
+    ]
 
 
 def _run_ids(root: str) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.config import Config, to_plain
+from pipeline.config import Config, dotted, to_plain
 from pipeline.run_files import (
     MAPPING,
     NUMBER,
@@ -67,7 +67,7 @@ def stage_inputs(config: Config) -> dict[str, StageInputs]:
     Resources, addresses, mirrors and the quality gate are not inputs: they change where or whether a stage runs,
     not what it produces (downloads are verified against MNIST's checksums whichever mirror served them).
     """
-    plain = _dotted(to_plain(config))
+    plain = dotted(to_plain(config))
     keys = {
         "download": ["data.cache_dir"],
         "preprocess": ["run.seed", "data.validation_size", "data.max_train_images", "data.max_test_images"],
@@ -86,16 +86,6 @@ def stage_inputs(config: Config) -> dict[str, StageInputs]:
 
 def _under(key: str, prefix: str) -> bool:
     return key.startswith(prefix) if prefix.endswith(".") else key == prefix
-
-
-def _dotted(data: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 

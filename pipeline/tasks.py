@@ -109,10 +109,20 @@ def train_task(
     storage_path: str,
     resume: bool,
     log_level: int,
+    tracking=None,
 ):
+    """`tracking`: (pipeline.tracking.TrackingTarget, the server's URI): a child run per trial."""
     from stages.train import train
 
     _worker_logging(log_level)
+    callbacks = []
+    if tracking is not None:
+        import os
+
+        from pipeline.trial_runs import TrialRuns
+
+        target, os.environ["MLFLOW_TRACKING_URI"] = tracking  # read there: never pickled into the experiment
+        callbacks.append(TrialRuns(target))
     return train(
         splits.train,
         splits.validation,
@@ -121,6 +131,7 @@ def train_task(
         storage_path=storage_path,
         seed=seed,
         resume=resume,
+        callbacks=callbacks,
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from stages import storage
 from stages.tune_results import searched_hyperparameters as varied_hyperparameters
 
-FIGURES = ("curves", "hyperparameters", "confusion", "mistakes", "per_class")
+FIGURES = ("curves", "parallel", "hyperparameters", "confusion", "mistakes", "per_class")
 MAX_MISTAKES_SHOWN = 40
 _CAPTION_PIXELS, _GAP_PIXELS = 12, 6  # in image pixels, around each digit of the mistakes figure
 _ACCENT, _MUTED, _STOPPED = "#d62728", "#9aa5b1", "#1f77b4"
@@ -37,6 +37,7 @@ def write_report(inputs: ReportInputs, page_location: str, figures_location: str
     `page_location` (a path or URI)."""
     pngs = {
         "curves": _curves(inputs),
+        "parallel": _parallel_coordinates(inputs),
         "hyperparameters": _hyperparameters(inputs),
         "confusion": _confusion(inputs.metrics["confusion_matrix"]),
         "mistakes": _mistakes(inputs),
@@ -137,6 +138,71 @@ def _hyperparameters(inputs: ReportInputs) -> bytes:
     figure.suptitle("Hyperparameters of every trial against its best validation accuracy "
                     "(★ winner, blue: stopped early)", fontsize=10)
     figure.tight_layout()
+    return _png(figure, plt)
+
+
+def parallel_axes(trials: list[dict], names: list[str]) -> list[tuple[str, list[float], list[tuple[float, str]]]]:
+    """One axis per hyperparameter, then the best validation accuracy: (name, each trial's position on it in [0, 1],
+    ticks as (position, label)). Numbers keep their scale (learning rate and weight decay logarithmic), other values
+    are spread evenly in sorted order."""
+    axes = []
+    for name in [*names, "best_val_accuracy"]:
+        values = [t["best_val_accuracy"] if name == "best_val_accuracy" else t["hyperparameters"].get(name)
+                  for t in trials]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            logarithmic = name in ("learning_rate", "weight_decay") and all(v > 0 for v in values)
+            scaled = [math.log10(v) if logarithmic else float(v) for v in values]
+            low, high = min(scaled), max(scaled)
+            span = (high - low) or 1.0
+            positions = [(v - low) / span if high > low else 0.5 for v in scaled]
+            ticks = [(0.0 if high > low else 0.5, f"{min(values):.4g}")] + (
+                [(1.0, f"{max(values):.4g}")] if high > low else [])
+        else:
+            categories = sorted({str(v) for v in values})
+            step = 1 / max(1, len(categories) - 1)
+            positions = [categories.index(str(v)) * step if len(categories) > 1 else 0.5 for v in values]
+            ticks = [(index * step if len(categories) > 1 else 0.5, category) for index, category in
+                     enumerate(categories)]
+        axes.append((name, positions, ticks))
+    return axes
+
+
+def _parallel_coordinates(inputs: ReportInputs) -> bytes:
+    """Every trial as a line across its hyperparameters to its best validation accuracy, coloured by it: the view
+    W&B, Optuna's dashboard and Katib open with."""
+    trials = sorted((t for t in inputs.metrics["trials"] if t.get("best_val_accuracy") is not None),
+                    key=lambda t: t["best_val_accuracy"])  # the best drawn last, on top
+    names = searched_hyperparameters(trials) or list(inputs.metrics["hyperparameters"])[:1]
+    axes_data = parallel_axes(trials, names)
+    figure, plt = _figure(max(6.0, 1.9 * len(axes_data)), 4.2)
+    axes = figure.add_subplot()
+    accuracies = [t["best_val_accuracy"] for t in trials]
+    low, high = (min(accuracies), max(accuracies)) if accuracies else (0.0, 1.0)
+    colours = plt.get_cmap("viridis")
+    best_id = inputs.metrics["best_trial_id"]
+    xs = list(range(len(axes_data)))
+    for index, trial in enumerate(trials):
+        ys = [positions[index] for _, positions, _ in axes_data]
+        best = trial["trial_id"] == best_id
+        shade = (trial["best_val_accuracy"] - low) / ((high - low) or 1.0)
+        axes.plot(xs, ys, color=_ACCENT if best else colours(shade), linewidth=2.6 if best else 1.2,
+                  alpha=1.0 if best else 0.8, zorder=3 if best else 2, marker="o", markersize=3)
+    for x, (name, _, ticks) in zip(xs, axes_data):
+        axes.axvline(x, color="#444444", linewidth=0.8, zorder=1)
+        for position, label in ticks:
+            axes.text(x + 0.04, position, label, fontsize=7, va="center", ha="left", color="#333333")
+    axes.set_xticks(xs, [name.replace("_", " ") for name, _, _ in axes_data], fontsize=8)
+    axes.set_yticks([])
+    axes.set_xlim(-0.2, len(axes_data) - 0.4)
+    axes.set_ylim(-0.08, 1.08)
+    for side in ("top", "right", "left"):
+        axes.spines[side].set_visible(False)
+    if trials:
+        mappable = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(low, high))
+        figure.colorbar(mappable, ax=axes, fraction=0.03, label="best validation accuracy")
+    axes.set_title(f"Every trial across its hyperparameters to its best validation accuracy ({len(trials)} trials; "
+                   f"red: the winner, {best_id})", fontsize=10)
     return _png(figure, plt)
 
 
@@ -300,6 +366,7 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         class_rows=class_rows,
         timing_rows=timing_rows,
         curves=image("curves", "validation accuracy per epoch for every trial"),
+        parallel=image("parallel", "parallel coordinates: every trial's hyperparameters and validation accuracy"),
         hyperparameters=image("hyperparameters", "hyperparameters against validation accuracy"),
         confusion=image("confusion", "confusion matrix"),
         mistakes=image("mistakes", "misclassified test images"),
@@ -342,7 +409,8 @@ img {{ max-width: 100%; }} .row {{ display: flex; gap: 2rem; flex-wrap: wrap; al
 <div><h2>Timings</h2><table>{timing_rows}</table></div>
 </div>
 <h2>How the trials learned</h2>{curves}
-<h2>What the search found</h2>{hyperparameters}
+<h2>What the search found</h2>{parallel}
+{hyperparameters}
 <h2>Top trials</h2>
 <table><tr><th>#</th><th>trial</th><th>best val accuracy</th><th>at epoch</th><th>epochs</th>{top_header}</tr>{top_rows}
 </table>

@@ -10,7 +10,7 @@ import shutil
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Sequence
 
 from ray import tune
 from ray.tune.stopper import CombinedStopper
@@ -57,6 +57,7 @@ def train(
     experiment_name: str = EXPERIMENT_NAME,
     seed: int = 0,
     resume: bool = False,
+    callbacks: Sequence[tune.Callback] = (),
 ) -> TuneOutcome:
     """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
 
@@ -79,6 +80,8 @@ def train(
         so far, and suggests new ones).
         An experiment found there without `resume` is restored too: run folders are never reused, so it can only
         be this run's, left by an earlier attempt of the same train task (Ray retries a task whose worker died).
+      callbacks: more Tune callbacks (the pipeline's experiment tracking); a restored experiment keeps those it
+        began with.
 
     SIGTERM (the pipeline's driver stopping, or the system stopping the process) ends Tune's loop the way Ctrl-C ends
     it in a plain Tune script: the experiment's state is written one last time and the trials are stopped; the
@@ -151,6 +154,7 @@ def train(
                 JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (trial_logs.py)
                 SearchProgress(settings.trial_count, settings.epochs),  # the console's lines (stages.progress)
                 PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
+                *callbacks,
             ],
             verbose=1,  # the trial table as it changes; per-trial result boxes would drown it
         ),

@@ -193,3 +193,18 @@ def test_missing_and_unreadable_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(BadInputError, match="cannot read config file"):
         load_config(tmp_path)  # a folder
+
+
+def test_a_run_saved_before_the_tracking_section_existed_is_whole(tmp_path):
+    """config.yaml of a run made before `tracking` was added: whole, and read with tracking's defaults."""
+    from pipeline.config_loading import load_run_config
+    from pipeline.run_files import DamagedFile, check_run_config
+    from pipeline.run_folder import RunFolder
+
+    older = Config().to_yaml().split("\ntracking:")[0] + "\n"
+    (tmp_path / "config.yaml").write_text(older)
+    assert check_run_config(RunFolder(str(tmp_path)))
+    assert load_run_config(str(tmp_path / "config.yaml")).tracking == Config().tracking
+    (tmp_path / "config.yaml").write_text(older.split("\nevaluate:")[0] + "\n")
+    with pytest.raises(DamagedFile, match="no 'evaluate' section"):
+        check_run_config(RunFolder(str(tmp_path)))

@@ -141,7 +141,7 @@ def test_the_report_shows_the_run(finished_run):
     assert not re.search(r"""(src|href)=["']?(https?:|//|/)""", page), "the report must not load anything"
     embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
     files = {path.stem: path.read_bytes() for path in (folder / "report").glob("*.png")}
-    assert set(files) == {"curves", "hyperparameters", "confusion", "mistakes", "per_class"}
+    assert set(files) == {"curves", "parallel", "hyperparameters", "confusion", "mistakes", "per_class"}
     assert sorted(embedded) == sorted(files.values())
     for name, png in files.items():
         image = Image.open(io.BytesIO(png))
@@ -154,6 +154,17 @@ def test_the_report_shows_the_run(finished_run):
         assert len(trial["val_accuracy_by_epoch"]) == trial["epochs"]
     for stage in ("download", "preprocess", "train", "evaluate"):
         assert f"<th>{stage}</th>" in page
+
+    # the parallel coordinates: drawn (many colours, not a blank canvas), one axis per searched hyperparameter + 1
+    parallel = Image.open(io.BytesIO(files["parallel"])).convert("RGB")
+    assert len(set(parallel.resize((200, 100)).getdata())) > 30
+    # the top-trials table: metrics.json's top_trials, in rank order
+    section = page.split("<h2>Top trials</h2>", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr[^>]*><td>(\d+)</td><td>([^<]+)</td><td>([\d.]+)</td><td>(\d+)</td><td>(\d+)</td>",
+                      section)
+    assert rows == [(str(rank), t["trial_id"], f"{t['best_val_accuracy']:.4f}", str(t["best_epoch"]), str(t["epochs"]))
+                    for rank, t in enumerate(metrics["top_trials"], start=1)]
+    assert len(rows) == len(metrics["trials"]) == 2
 
 
 def test_predict_reads_digits_as_people_have_them(finished_run, tmp_path):
@@ -219,6 +230,40 @@ def test_runs_lists_finished_and_stopped_runs(finished_run):
                                "2"]
     assert stopped_line.split()[:4] == ["stopped", "stopped", "in", "preprocess"]
     assert footer.startswith("2 runs in ")
+
+
+def test_runs_compares_runs_side_by_side(finished_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    folder, _ = finished_run
+    # the same run as if made with other settings: its records and results copied, two settings changed
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("stages.json", "summary.json", "metrics.json", "model"):
+        (shutil.copytree if (folder / name).is_dir() else shutil.copy)(folder / name, other / name)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["train"]["epochs"], config["model"]["dropout"] = 7, 0.125
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+
+    result = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--set", f"run.root={folder.parent}", "e2e",
+                             str(other)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    rows = {line.split("  ")[0]: line.split() for line in lines[1:]}
+    assert lines[0].split() == ["e2e", "other"]
+    assert rows["status"][1:] == ["finished", "finished"]
+    assert rows["test accuracy"][2:] == [f"{metrics['test_accuracy']:.2%}"] * 2
+    assert rows["best trial"][2:] == [metrics["best_trial_id"]] * 2
+    assert lines[7] == "settings that differ:"
+    assert [line.split() for line in lines[8:]] == [["model.dropout", "0.0", "0.125"], ["train.epochs", "2", "7"]]
+
+    for names, message in [(["e2e"], "name two or more runs to compare"), (["e2e", "nothing"], "no run 'nothing'")]:
+        refused = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--set", f"run.root={folder.parent}",
+                                  *names], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_dashboard_serves_tensorboard_over_the_trials(finished_run):

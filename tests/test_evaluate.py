@@ -103,3 +103,22 @@ def test_ensemble_top_k_is_checked(value, error):
     assert load_config(None, ["evaluate.ensemble_top_k=20"]).evaluate.ensemble_top_k == 20
     assert load_config(None, ["evaluate.ensemble_top_k=null"]).evaluate.ensemble_top_k is None
     assert load_config(None).evaluate.ensemble_top_k is None
+
+
+def test_parallel_coordinates_put_every_trial_on_each_axis_in_its_scale():
+    from stages.report import parallel_axes
+
+    trials = [
+        {"best_val_accuracy": 0.98, "hyperparameters": {"learning_rate": 1e-4, "lr_schedule": "cosine"}},
+        {"best_val_accuracy": 0.99, "hyperparameters": {"learning_rate": 1e-2, "lr_schedule": "constant"}},
+        {"best_val_accuracy": 0.97, "hyperparameters": {"learning_rate": 1e-3, "lr_schedule": "cosine"}},
+    ]
+    axes = parallel_axes(trials, ["learning_rate", "lr_schedule"])
+    assert [name for name, _, _ in axes] == ["learning_rate", "lr_schedule", "best_val_accuracy"]
+    (_, rate, rate_ticks), (_, schedule, schedule_ticks), (_, accuracy, _) = axes
+    assert rate == pytest.approx([0.0, 1.0, 0.5])  # logarithmic: 1e-3 halfway between 1e-4 and 1e-2
+    assert [label for _, label in rate_ticks] == ["0.0001", "0.01"]
+    assert schedule == [1.0, 0.0, 1.0] and schedule_ticks == [(0.0, "constant"), (1.0, "cosine")]  # sorted
+    assert accuracy == pytest.approx([0.5, 1.0, 0.0])
+    # one value only: the middle of its axis
+    assert parallel_axes(trials[:1], ["learning_rate"])[0][1] == [0.5]
