@@ -389,13 +389,18 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracki
     return summary
 
 
-def _evaluate_cpus(demand: dict[str, float], most: int = 8) -> int:
+def _evaluate_cpus(demand: dict[str, float], most: int = 8, wait_s: float = 3.0) -> int:
     """The CPUs the evaluate task takes: the trials are done, so as many as the largest node that can run it has
-    (TensorFlow predicts on that many threads), at most `most`: 10,000 images gain little from more. One where no
-    node that is up can run it (an autoscaler will add one)."""
+    (TensorFlow predicts on that many threads), at most `most`: 10,000 images gain little from more; but never more
+    than are free once the trials' actors are gone (waited for up to `wait_s`): CPUs something else holds (another
+    job, an actor a killed train task left behind) would leave the task pending forever. One where no node that is
+    up can run it (an autoscaler will add one)."""
     offers = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    cpus = [offer.get("CPU", 0) for offer in offers if _fits(demand, offer)]
-    return int(max(1, min(most, max(cpus, default=1))))
+    wanted = int(max(1, min(most, max((offer.get("CPU", 0) for offer in offers if _fits(demand, offer)), default=1))))
+    deadline = time.monotonic() + wait_s
+    while (free := int(ray.available_resources().get("CPU", 0))) < wanted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return max(1, min(wanted, free))
 
 
 def summary_record(summary: RunSummary) -> dict[str, Any]:

@@ -226,6 +226,9 @@ CHATTER = [
     TRAIN + "Experiment state snapshotting has been triggered multiple times in the last 5.0 seconds and may become a "
     "bottleneck.",
     TRAIN + "Trial run_trial_08426_00000 completed after 1 iterations at 2026-11-30 06:27:08. Total running time: 15s",
+    # the classic baseline as the first trial, outside the searched range
+    TRAIN + "2026-11-30 07:01:02,345\tWARNING variant_generator.py:342 -- Pre-set value `0.0` is not within valid "
+    "values of parameter `dropout`: (0.2, 0.5)",
 ]
 SEARCH = [
     TRAIN + "[search] 08426_00000 epoch 1/2: val_accuracy 0.9512 | trials 0 done, 2 running, 2 pending | epochs 1/8 "
