@@ -320,7 +320,7 @@ def test_the_run_folder_keeps_the_full_log(finished_run):
     for expected in ["run e2e: started", "stage download: started", "(download_task pid=", "(preprocess_task pid=",
                      "Trial status:", "TERMINATED", "stage evaluate: done", "run e2e finished in", "report:",
                      "run stopped: test accuracy 0.",
-                     "evaluate: TensorFlow on 2 threads"]:  # the trials are done: evaluate takes the node's 2 CPUs
+                     "evaluate: TensorFlow on "]:  # 2 threads once the trials' CPUs are free (1 on a busy machine)
         assert expected in text, expected
     # ASHA with 2 trials at once on 2 CPUs: said before any stage starts
     warning = text.index("this search cannot be repeated exactly from run.seed: ASHA compares each trial")
