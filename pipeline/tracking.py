@@ -65,9 +65,6 @@ class Tracking:
     def target(self) -> TrackingTarget:
         return TrackingTarget(self.experiment_id, self.run_id)
 
-    def log_stage(self, stage: str, seconds: float) -> None:
-        self._safely(f"stage {stage}", lambda: self._client.log_metric(self.run_id, f"stage_seconds_{stage}", seconds))
-
     def finish(self, run, summary: dict | None, register_model: str | None, *, stopped: bool = False) -> None:
         """Logs the results, report, metrics and model of a finished pipeline run (summary) and ends the parent run;
         a run that failed (summary None) ends FAILED, one that was stopped KILLED (a resume goes on in it)."""
