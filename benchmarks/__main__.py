@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
     from benchmarks import BenchmarkError
-    from stages.errors import PipelineError
+    from stages.common.errors import PipelineError
 
     try:
         return _run(args)

@@ -33,15 +33,15 @@ VARIANTS = {
 
 def measure(threads: int, mirror: str, steps: int, warmup_steps: int, rounds: int) -> dict[str, float]:
     """Images per second of each variant, trained with `threads` TensorFlow threads (in this process)."""
-    from stages.trial import configure_tensorflow
+    from stages.training.trial import configure_tensorflow
 
     configure_tensorflow(threads)
     import keras
 
+    from stages.dataset.idx import read_labeled_images
     from stages.download import download
-    from stages.hyperparameters import Hyperparameters
-    from stages.idx import read_labeled_images
-    from stages.model import build_model
+    from stages.training.hyperparameters import Hyperparameters
+    from stages.training.model import build_model
 
     with tempfile.TemporaryDirectory(prefix="augmentation-") as cache:
         raw = download([mirror], Path(cache))

@@ -5,7 +5,8 @@ The train stage is broken down by trial slots (trials that can run at once): eac
 full rate, training below it (slow epochs), validation, checkpoint writes (the save, its upload and Tune's round
 trip), trial start-up (TensorFlow's import, the model, a restore), or idle (no trial in the slot: Ray starting a
 trial's process, the tail of a search where fewer trials remain than slots). The columns come from what each trial
-reports per epoch (stages.trial): startup_seconds, train_seconds, validation_seconds, checkpoint_seconds, reported_at.
+reports per epoch (stages.training.trial): startup_seconds, train_seconds, validation_seconds, checkpoint_seconds,
+reported_at.
 """
 
 from __future__ import annotations

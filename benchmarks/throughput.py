@@ -89,9 +89,9 @@ def plain(kind: str, dataset: Path, *, epochs: int, processes: int, threads: int
 def trials(splits: Splits, storage: Path, *, epochs: int, processes: int, threads: int) -> Measurement:
     """`processes` pipeline trials at once (stages.train: Tune, the object store, checkpoints every epoch), `threads`
     CPUs each; the caller has started Ray with all the CPUs."""
-    from stages.hyperparameters import Hyperparameters
     from stages.train import train
-    from stages.train_settings import TrainSettings
+    from stages.training.hyperparameters import Hyperparameters
+    from stages.training.train_settings import TrainSettings
 
     settings = TrainSettings(
         epochs=epochs, num_samples=processes, scheduler="fifo", search_space={}, cpus_per_trial=threads
@@ -107,13 +107,14 @@ def trials(splits: Splits, storage: Path, *, epochs: int, processes: int, thread
 
 
 def input_pipeline_rate(splits: Splits, *, passes: int = 3, batch_size: int = 128) -> float:
-    """Images/second that a trial's input pipeline (stages.trial.make_dataset: shuffled order, gathered batches from
-    arrays in memory, one thread) delivers with no model to feed: what it could give a GPU. The best of `passes`."""
+    """Images/second that a trial's input pipeline (stages.training.trial.make_dataset: shuffled order, gathered
+    batches from arrays in memory, one thread) delivers with no model to feed: what it could give a GPU. The best
+    of `passes`."""
     import time
 
     import numpy as np
 
-    from stages.trial import configure_tensorflow, make_dataset
+    from stages.training.trial import configure_tensorflow, make_dataset
 
     configure_tensorflow(1)  # a no-op where this process ran TensorFlow before
     best = 0.0

@@ -19,13 +19,13 @@ BATCH_SIZE, LEARNING_RATE = 128, 1e-3
 
 def keras_rates(images: np.ndarray, labels: np.ndarray, epochs: int, threads: int) -> list[float]:
     """Plain Keras `fit` on in-memory arrays: the pipeline's model, none of its machinery."""
-    from stages.trial import configure_tensorflow
+    from stages.training.trial import configure_tensorflow
 
     configure_tensorflow(threads)
     import keras
 
-    from stages.hyperparameters import Hyperparameters
-    from stages.model import build_model
+    from stages.training.hyperparameters import Hyperparameters
+    from stages.training.model import build_model
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

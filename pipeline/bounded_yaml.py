@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from pipeline.messages import shorten
-from stages.errors import BadInputError
-from stages.train_settings import CLIP, clip
+from stages.common.errors import BadInputError
+from stages.training.train_settings import CLIP, clip
 
 # A config is a few kB that people write: these bounds are far above any real one, and far below what hurts.
 MAX_CONFIG_BYTES = 1 << 20  # read at most this much of a file: a huge file (or /dev/zero) is a mistake

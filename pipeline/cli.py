@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from pipeline.stopping import STOP
-from stages.errors import BadInputError, PipelineError
-from stages.redact import redact
+from stages.common.errors import BadInputError, PipelineError
+from stages.common.redact import redact
 
 log = logging.getLogger("pipeline")
 
@@ -209,7 +209,7 @@ def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
     from pipeline.config_loading import load_config, load_run_config
     from pipeline.resumable import check_resumable
     from pipeline.run_folder import locate_run, names_a_folder
-    from stages import storage
+    from stages.common import storage
 
     if args.config is not None:
         raise BadInputError(
@@ -237,32 +237,20 @@ def _resume(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run(config, *, resume: bool = False) -> int:
+    from pipeline.cluster_checks import check_cluster, check_search
     from pipeline.console import console, run_log
+    from pipeline.ray_session import ray_session
     from pipeline.ray_startup import check_reachable, ray_target
     from pipeline.run_folder import create_run_folder, open_run_folder, remove_empty_run_folder, run_lock
-    from pipeline.runner import (
-        check_cluster,
-        check_quality_gate,
-        check_resume,
-        check_search,
-        format_summary,
-        ray_session,
-        run_pipeline,
-        summary_record,
-    )
+    from pipeline.runner import check_resume, run_pipeline
     from pipeline.stopping import remove_partial_files, stop_tune
+    from pipeline.summary import check_quality_gate, format_summary, summary_record
     from pipeline.tracking import open_tracking
-    from stages import storage
+    from stages.common import storage
 
     handlers = STOP.start()  # SIGTERM ends the run like Ctrl-C, from the start
     run = None
     try:
-        if config.ray.address is None and config.ray.num_cpus is not None:
-            if config.train.cpus_per_trial > config.ray.num_cpus:
-                raise BadInputError(
-                    f"train.cpus_per_trial={config.train.cpus_per_trial:g} exceeds "
-                    f"ray.num_cpus={config.ray.num_cpus}"
-                )
         # before the run folder exists: a cluster nobody can reach leaves nothing behind, within seconds
         check_reachable(ray_target(config.ray.address))
         open_or_create = open_run_folder if resume else create_run_folder
@@ -294,10 +282,10 @@ def _run(config, *, resume: bool = False) -> int:
                         tracking.finish(run, None, None, stopped=STOP.signum is not None)
                     raise
                 if tracking is not None:
-                    tracking.finish(run, summary_record(summary) | {"test_loss": summary.metrics.get("test_loss")},
+                    tracking.finish(run, summary_record(summary) | {"test_loss": summary.metrics.test_loss},
                                     config.tracking.register_model)
                 print(format_summary(summary))
-                check_quality_gate(config, summary)
+                check_quality_gate(config.evaluate.min_test_accuracy, summary)
     except SystemExit as error:
         if error.code != signal.SIGTERM or STOP.signum is not None:
             raise

@@ -14,11 +14,11 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.messages import shorten
+from stages.common.errors import BadInputError
+from stages.common.redact import redact_data
 from stages.download import DEFAULT_MIRRORS
-from stages.errors import BadInputError
-from stages.hyperparameters import SIZE_FIELDS, Hyperparameters, Real, parameter_count, step_bytes
-from stages.redact import redact_data
-from stages.train_settings import TrainSettings, base_trial_problem, clip
+from stages.training.hyperparameters import SIZE_FIELDS, Hyperparameters, Real, parameter_count, step_bytes
+from stages.training.train_settings import TrainSettings, base_trial_problem, clip
 
 # A config is a few kB that people write: these bounds are far above any real one, and far below what hurts.
 MAX_PATH = 1024  # characters of a folder or URI: the run's own paths go below it, within PATH_MAX (4096)

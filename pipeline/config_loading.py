@@ -16,8 +16,8 @@ from pydantic import BaseModel, ValidationError
 from pipeline.bounded_yaml import Budget, parse_yaml, read_bounded
 from pipeline.config import Config, to_plain
 from pipeline.messages import cap
-from stages.errors import BadInputError
-from stages.train_settings import CLIP, clip, did_you_mean
+from stages.common.errors import BadInputError
+from stages.training.train_settings import CLIP, clip, did_you_mean
 
 MAX_KEY_PARTS = 8  # of an override's dotted key
 
@@ -46,7 +46,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 def load_run_config(config_file: str, overrides: list[str] = ()) -> Config:
     """`load_config` for the config.yaml a run saved (a local path or a URI), as `run --resume` reads it."""
-    from stages import storage
+    from stages.common import storage
 
     try:
         # the run's own file; read_bytes of a URI cannot stop early, parse_yaml refuses what is too big

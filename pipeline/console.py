@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from pipeline.live_view import LiveLine
 from pipeline.stopping import STOP
-from stages.errors import PipelineError
-from stages.progress import EPOCH_LINE, PREFIX, parse_seconds
-from stages.redact import redact
+from stages.common.errors import PipelineError
+from stages.common.redact import redact
+from stages.training.progress import EPOCH_LINE, PREFIX, parse_seconds
 
 
 @contextmanager
@@ -91,7 +91,7 @@ def run_log(run, tees):
     """Keeps the run's full log in its folder: the driver's log records (with timestamps) and everything Ray shows
     from the tasks and trials (their logs, Tune's trial table, worker tracebacks). A remote run's log is uploaded at
     the end, after the log an earlier attempt of the run left there."""
-    from stages import storage
+    from stages.common import storage
 
     with storage.local_folder_for(run.location) as folder:
         log_file = folder / storage.name_of(run.log_file)
@@ -190,8 +190,8 @@ class Tee(io.TextIOBase):
     - credentials in URIs, whoever printed them (MLflow prints links to its runs): redacted on the console and in
       the log;
     - Tune's trial tables, per-trial boxes and notes, and CUDA's complaints where no GPU was asked for: the search's
-      own lines (`[search] ...`, stages.progress) say how it goes, without Ray's `(train_task pid=N)` in front; on a
-      terminal its epoch lines become the live line.
+      own lines (`[search] ...`, stages.training.progress) say how it goes, without Ray's `(train_task pid=N)` in
+      front; on a terminal its epoch lines become the live line.
 
     `verbose`: the console shows everything the log gets. Off a terminal the console gets no colour codes and no
     progress bars (they redraw themselves with \r).

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.run_folder import RunFolder, locate_run
-from stages import storage
-from stages.errors import BadInputError, PipelineError
+from stages.common import storage
+from stages.common.errors import BadInputError, PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from stages.progress import format_seconds
+from stages.training.progress import format_seconds
 
 REDRAW_SECONDS = 1.0
 _CLEAR = "\r\x1b[K"  # to the line's start, erase it

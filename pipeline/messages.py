@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from stages.train_settings import CLIP
+from stages.training.train_settings import CLIP
 
 MAX_MESSAGE = 400  # characters of one error message, whatever went into it
 

@@ -25,8 +25,8 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from pipeline.run_folder import locate_run
-from stages import storage
-from stages.errors import BadInputError
+from stages.common import storage
+from stages.common.errors import BadInputError
 from stages.evaluate import EXPORTED_ENSEMBLE
 
 if TYPE_CHECKING:

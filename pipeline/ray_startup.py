@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import BadInputError
-from stages.redact import redact
+from stages.common.errors import BadInputError
+from stages.common.redact import redact
 
 REACH_TIMEOUT_S = 10.0  # a cluster's head answers in milliseconds; a slow WAN link in a second or two
 

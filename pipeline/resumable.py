@@ -11,9 +11,9 @@ from pipeline.run_files import DamagedFile, check_run_config, local_file_exists
 from pipeline.run_folder import RUN_MARKER, RunFolder
 from pipeline.run_trust import check_private
 from pipeline.stage_records import StageRecords
-from stages import storage
-from stages.errors import BadInputError
-from stages.redact import redact
+from stages.common import storage
+from stages.common.errors import BadInputError
+from stages.common.redact import redact
 
 
 def check_resumable(run: RunFolder) -> None:

@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 from pipeline.bounded_yaml import MAX_CONFIG_BYTES  # config.yaml: what a config file may hold
 from pipeline.run_folder import RunFolder
-from stages import storage
-from stages.errors import BadInputError, DataError
-from stages.redact import redact
+from stages.common import storage
+from stages.common.errors import BadInputError, DataError
+from stages.common.redact import redact
+from stages.evaluation.metrics import RunMetrics
 
 MAX_RECORD_BYTES = 16 * 2**20  # stages.json, summary.json, metrics.json are KiBs: more is not ours
 MAX_STATE_BYTES = 256 * 2**20  # Tune's experiment state grows with the trials; far below this for any real search
@@ -180,7 +181,7 @@ _TOP_TRIAL_FIELDS = {
 _ENSEMBLE_FIELDS = {"k": INTEGER, "trial_ids": TEXT_LIST, "test_accuracy": NUMBER, "test_loss": NUMBER}
 
 
-def read_metrics(run: RunFolder) -> dict:
+def read_metrics(run: RunFolder) -> RunMetrics:
     """The run's metrics.json, checked to have every field the summary shows.
 
     Raises:
@@ -193,7 +194,11 @@ def read_metrics(run: RunFolder) -> dict:
     problem = problem or _optional_problem(metrics)
     if problem:
         raise DamagedFile(run.metrics_file, problem)
-    return metrics
+    try:
+        return RunMetrics.from_json(metrics)
+    except (KeyError, TypeError) as error:  # in a part the summary does not show (per_class, ...)
+        raise DamagedFile(run.metrics_file, f"not the metrics evaluate writes ({type(error).__name__}: {error})") \
+            from None
 
 
 def _list_problem(record: dict, name: str, fields: dict[str, Check]) -> str | None:

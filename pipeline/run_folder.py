@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from stages import storage
-from stages.atomic import sweep_stale_parts
-from stages.errors import BadInputError
+from stages.common import storage
+from stages.common.atomic import sweep_stale_parts
+from stages.common.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ RUN_MARKER = ".mnist-pipeline-run"
 
 @dataclass(frozen=True)
 class RunFolder:
-    """A run's location: an absolute local path, or a URI such as s3://bucket/runs/<id>."""
+    """A run's location (an absolute local path, or a URI such as s3://bucket/runs/<id>) and where each of its
+    artifacts lies in it (paths or URIs alike); a lock file, .lock, beside them (run_lock)."""
 
     location: str
 
@@ -43,28 +44,73 @@ class RunFolder:
     def run_id(self) -> str:
         return storage.name_of(self.location)
 
-    def __getattr__(self, name: str) -> str:
-        if name in _ARTIFACTS:
-            return storage.join(self.location, _ARTIFACTS[name])
-        raise AttributeError(name)
+    def _in_folder(self, name: str) -> str:
+        return storage.join(self.location, name)
 
+    @property
+    def marker_file(self) -> str:
+        """Says "a run of mnist-pipeline"; written first."""
+        return self._in_folder(RUN_MARKER)
 
-_ARTIFACTS = {
-    "config_file": "config.yaml",  # the resolved config of the run
-    "log_file": "pipeline.log",  # everything the console showed, with the driver's records timestamped
-    "stages_file": "stages.json",  # what each finished stage did (pipeline.stage_records)
-    "data_dir": "data",  # dataset.npz and manifest.json
-    "model_dir": "model",  # model.keras and hyperparameters.json
-    "model_file": "model/model.keras",
-    "metrics_file": "metrics.json",
-    "summary_file": "summary.json",
-    "report_file": "report.html",  # self-contained: figures embedded
-    "figures_dir": "report",  # the report's figures as PNG files
-    "marker_file": RUN_MARKER,  # says "a run of mnist-pipeline"; written first
-    # the Tune experiment (trials, checkpoints, TensorBoard event files): train_task's storage path is the run
-    # folder and its experiment is named stages.train.EXPERIMENT_NAME, so it is here and nowhere else
-    "tune_dir": "tune",
-}  # and .lock (run_lock)
+    @property
+    def config_file(self) -> str:
+        """The resolved config of the run."""
+        return self._in_folder("config.yaml")
+
+    @property
+    def log_file(self) -> str:
+        """Everything the console showed, with the driver's records timestamped."""
+        return self._in_folder("pipeline.log")
+
+    @property
+    def stages_file(self) -> str:
+        """What each finished stage did (pipeline.stage_records)."""
+        return self._in_folder("stages.json")
+
+    @property
+    def data_dir(self) -> str:
+        """The dataset's splits (dataset.npz) and their manifest.json."""
+        return self._in_folder("data")
+
+    @property
+    def tune_dir(self) -> str:
+        """The Tune experiment (trials, checkpoints, TensorBoard event files): the train task's storage path is the
+        run folder and its experiment is named stages.train.EXPERIMENT_NAME, so it is here and nowhere else."""
+        return self._in_folder("tune")
+
+    @property
+    def trials_file(self) -> str:
+        """Every trial's hyperparameters and metrics, one row per epoch."""
+        return self._in_folder("trials.csv")
+
+    @property
+    def metrics_file(self) -> str:
+        """stages.evaluation.metrics.RunMetrics, as JSON."""
+        return self._in_folder("metrics.json")
+
+    @property
+    def model_dir(self) -> str:
+        """model.keras, hyperparameters.json (and ensemble.keras with evaluate.ensemble_top_k)."""
+        return self._in_folder("model")
+
+    @property
+    def model_file(self) -> str:
+        return self._in_folder("model/model.keras")
+
+    @property
+    def report_file(self) -> str:
+        """Self-contained: the figures are embedded."""
+        return self._in_folder("report.html")
+
+    @property
+    def figures_dir(self) -> str:
+        """The report's figures as PNG files."""
+        return self._in_folder("report")
+
+    @property
+    def summary_file(self) -> str:
+        """The run at a glance (pipeline.summary)."""
+        return self._in_folder("summary.json")
 
 
 def new_run_id() -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pipeline.run_files import describe_os_error
 from pipeline.run_folder import RunFolder
-from stages import storage
-from stages.errors import BadInputError
+from stages.common import storage
+from stages.common.errors import BadInputError
 
 
 def check_private(run: RunFolder) -> None:

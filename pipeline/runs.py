@@ -26,8 +26,8 @@ from pipeline.run_files import (
 )
 from pipeline.run_folder import RUN_MARKER, RunFolder, locate_run
 from pipeline.stage_records import StageRecords
-from stages import storage
-from stages.errors import BadInputError
+from stages.common import storage
+from stages.common.errors import BadInputError
 
 STAGES = ("download", "preprocess", "train", "evaluate")
 _RUN_FILES = {RUN_MARKER, "config.yaml", "stages.json"}  # any of them: a run, or what is left of one

@@ -26,19 +26,21 @@ from pipeline.run_files import (
     shape_problem,
 )
 from pipeline.run_folder import RunFolder
-from stages import storage
-from stages.code_hash import code_hash
+from stages.common import storage
+from stages.common.code_hash import code_hash
 
 # The modules whose code decides each stage's output: editing one invalidates that stage (and those after it).
 _STAGE_CODE = {
-    "download": ("stages.download", "stages.mirror_attempt", "stages.atomic"),
-    "preprocess": ("stages.preprocess", "stages.idx", "stages.dataset_cache"),
+    "download": ("stages.download", "stages.dataset.mirror_attempt", "stages.common.atomic"),
+    "preprocess": ("stages.preprocess", "stages.dataset.idx", "stages.dataset.dataset_cache"),
     "train": (
-        "stages.train", "stages.tune_results", "stages.trial", "stages.model", "stages.hyperparameters",
-        "stages.train_settings", "stages.search_algorithms", "stages.bohb_search", "stages.trial_logs",
-        "stages.finished_checkpoints",
+        "stages.train", "stages.training.tune_results", "stages.training.trial", "stages.training.model",
+        "stages.training.hyperparameters", "stages.training.train_settings", "stages.training.search_algorithms",
+        "stages.training.bohb_search", "stages.training.trial_logs", "stages.training.finished_checkpoints",
     ),
-    "evaluate": ("stages.evaluate", "stages.ensemble", "stages.tune_results"),
+    "evaluate": (
+        "stages.evaluate", "stages.evaluation.metrics", "stages.evaluation.ensemble", "stages.training.tune_results",
+    ),
 }
 
 

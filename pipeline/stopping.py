@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from pipeline.local_ray import stop_train_tasks
-from stages.redact import redact
+from stages.common.redact import redact
 
 log = logging.getLogger("pipeline")
 
@@ -33,8 +33,8 @@ def stop_tune(run) -> None:
 
 
 def remove_partial_files(run, config) -> None:
-    from stages import storage
-    from stages.atomic import sweep_stale_parts
+    from stages.common import storage
+    from stages.common.atomic import sweep_stale_parts
 
     folders = [Path(config.data.cache_dir).expanduser()]
     if not storage.is_uri(run.location):

@@ -11,8 +11,8 @@ import errno
 
 import ray
 
-from stages.errors import PipelineError, StorageError
-from stages.redact import redact
+from stages.common.errors import PipelineError, StorageError
+from stages.common.redact import redact
 
 _WRITE_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

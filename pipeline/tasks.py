@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 
 from pipeline.config import DataSection, EvaluateSection
-from stages.hyperparameters import Hyperparameters
-from stages.redact import redact
-from stages.train_settings import TrainSettings
+from stages.common.redact import redact
+from stages.evaluation.metrics import RunMetrics
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.train_settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def download_task(data: DataSection, log_level: int):
 
 @ray.remote(num_cpus=1, num_returns=4)
 def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level: int):
-    from stages.dataset_cache import cached_preprocess
+    from stages.dataset.dataset_cache import cached_preprocess
     from stages.preprocess import save_splits
 
     _worker_logging(log_level)
@@ -82,7 +82,7 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
 @ray.remote(num_cpus=1, num_returns=4)
 def load_splits_task(data_dir: str, log_level: int):
     """The splits a finished preprocess stage wrote into the run folder (a resumed run)."""
-    from stages.errors import DataError
+    from stages.common.errors import DataError
     from stages.preprocess import load_verified_splits
 
     _worker_logging(log_level)
@@ -143,7 +143,7 @@ def load_outcome_task(experiment_path: str, log_level: int):
       DataError: the experiment is missing or damaged (a state file cut short, a trial's results unreadable, the best
         checkpoint gone); the runner then trains again.
     """
-    from stages.errors import DataError, PipelineError, TrainingError
+    from stages.common.errors import DataError, PipelineError, TrainingError
     from stages.train import load_outcome
 
     _worker_logging(log_level)
@@ -178,18 +178,18 @@ def _has_model(checkpoint) -> bool:
 @ray.remote(num_cpus=1)
 def evaluate_task(
     outcome, test, settings: EvaluateSection, run_location: str, stage_seconds: dict, epochs: int, log_level: int
-) -> dict[str, Any]:
+) -> RunMetrics:
     """Scores the best checkpoint (and the top-k ensemble, if asked for), exports the model(s), writes trials.csv,
     metrics.json and the report into the run folder."""
     import time
 
     from pipeline.run_folder import RunFolder
-    from stages import storage
-    from stages.ensemble import top_k_ensemble
-    from stages.evaluate import TRIALS_TABLE, evaluate, export_model
-    from stages.report import ReportInputs, write_report
-    from stages.trial import configure_tensorflow
-    from stages.tune_results import history_csv
+    from stages.common import storage
+    from stages.evaluate import evaluate, export_model, run_metrics
+    from stages.evaluation.ensemble import top_k_ensemble
+    from stages.evaluation.report import ReportInputs, write_report
+    from stages.training.trial import configure_tensorflow
+    from stages.training.tune_results import history_csv
 
     started = time.perf_counter()
     _worker_logging(log_level)
@@ -197,7 +197,7 @@ def evaluate_task(
     configure_tensorflow(cpus)
     log.info("evaluate: TensorFlow on %d threads", max(1, int(cpus)))
     run = RunFolder(run_location)
-    storage.write_bytes(storage.join(run.location, TRIALS_TABLE), history_csv(outcome.history))
+    storage.write_bytes(run.trials_file, history_csv(outcome.history))
     with outcome.best_checkpoint.as_directory() as checkpoint_folder:  # a download when the run is remote
         model, evaluation, probabilities = evaluate(Path(checkpoint_folder), test, batch_size=settings.batch_size)
     exported = export_model(model, outcome.best_hyperparameters, run.model_dir)
@@ -205,20 +205,8 @@ def evaluate_task(
     ensemble = top_k_ensemble(
         outcome.ranked, settings.ensemble_top_k, test, batch_size=settings.batch_size, model_dir=run.model_dir
     )
-    metrics = {
-        "val_accuracy": outcome.best_val_accuracy,
-        **evaluation.as_dict(),
-        "best_trial_id": outcome.best_trial_id,
-        "best_epoch": outcome.best_epoch,
-        "hyperparameters": outcome.best_hyperparameters,
-        "checkpoint": outcome.best_checkpoint_location,
-        "model": redact(exported),
-        "stop_reason": outcome.stop_reason,
-        "ensemble": ensemble,
-        "top_trials": outcome.top_trials(),
-        "trials": [asdict(trial) for trial in outcome.trials],
-    }
-    storage.write_json(run.metrics_file, metrics)
+    metrics = run_metrics(outcome, evaluation, redact(exported), ensemble)
+    storage.write_json(run.metrics_file, metrics.to_json())
     timings = {**stage_seconds, "evaluate": round(time.perf_counter() - started, 2)}
     write_report(
         ReportInputs(run.run_id, metrics, timings, epochs, test.images, test.labels, probabilities),

@@ -15,8 +15,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from stages.errors import BadInputError
-from stages.redact import redact
+from stages.common.errors import BadInputError
+from stages.common.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Tracking:
         import tempfile
         from pathlib import Path
 
-        from stages import storage
+        from stages.common import storage
 
         with tempfile.TemporaryDirectory() as folder:
             for location, artifact_path in [(run.report_file, None), (run.metrics_file, None),

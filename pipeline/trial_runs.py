@@ -16,7 +16,7 @@ from ray.tune import Callback
 from pipeline.tracking import MAX_PARAM_CHARS, PARENT_TAG, TRIAL_ID_TAG, TRIAL_METRICS, TrackingTarget, client_for
 from pipeline.tracking import first_line as _first_line
 from pipeline.tracking import now_ms as _now_ms
-from stages.redact import redact
+from stages.common.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ URL. Files are verified by the sha256 of their *decompressed* content (mirrors r
 under a temporary name and renamed into place, so the cache only ever holds complete, verified files.
 
 A mirror may be broken or hostile, so every attempt at one file on one mirror is bounded (by the file's known size,
-an overall deadline, regular files only, credentials kept to the mirror's origin): stages.mirror_attempt makes the
-attempt and holds it to those bounds; this module decides what is fetched, from which mirrors in what order, how
-often a failure is retried, and what is kept.
+an overall deadline, regular files only, credentials kept to the mirror's origin): stages.dataset.mirror_attempt
+makes the attempt and holds it to those bounds; this module decides what is fetched, from which mirrors in what
+order, how often a failure is retried, and what is kept.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from stages.atomic import atomic_file, sweep_stale_parts
-from stages.errors import BadInputError, DownloadError
-from stages.mirror_attempt import (
+from stages.common.atomic import atomic_file, sweep_stale_parts
+from stages.common.errors import BadInputError, DownloadError
+from stages.common.redact import redact
+from stages.dataset.mirror_attempt import (
     CHUNK,
     Deadline,
     Limits,
@@ -35,7 +36,6 @@ from stages.mirror_attempt import (
     local_folder,
     open_from_mirror,
 )
-from stages.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stages import storage
-from stages.atomic import atomic_path
-from stages.idx import NUM_CLASSES
+from stages.common import storage
+from stages.common.atomic import atomic_path
+from stages.dataset.idx import NUM_CLASSES
+from stages.evaluation.metrics import ClassMetrics, EnsembleMetrics, RunMetrics
 from stages.preprocess import LabeledImages
+
+if TYPE_CHECKING:
+    from stages.training.tune_results import TuneOutcome
 
 EXPORTED_MODEL = "model.keras"
 EXPORTED_HYPERPARAMETERS = "hyperparameters.json"
-EXPORTED_ENSEMBLE = "ensemble.keras"  # evaluate.ensemble_top_k: beside model.keras (stages.ensemble)
-TRIALS_TABLE = "trials.csv"  # in the run folder: every trial's hyperparameters and metrics, one row per epoch
-
-
-@dataclass(frozen=True)
-class ClassMetrics:
-    digit: int
-    precision: float
-    recall: float
-    f1: float
-    support: int
+EXPORTED_ENSEMBLE = "ensemble.keras"  # evaluate.ensemble_top_k: beside model.keras (stages.evaluation.ensemble)
 
 
 @dataclass(frozen=True)
@@ -35,8 +30,29 @@ class Evaluation:
     per_class: list[ClassMetrics]
     confusion_matrix: list[list[int]]  # rows: true digit, columns: predicted digit
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+def run_metrics(
+    outcome: TuneOutcome, evaluation: Evaluation, model: str, ensemble: EnsembleMetrics | None
+) -> RunMetrics:
+    """The run's metrics: the search's outcome, the best checkpoint's `evaluation` on the test set, where its model
+    was exported (`model`, for people: credentials redacted), and the ensemble's, if any."""
+    return RunMetrics(
+        val_accuracy=outcome.best_val_accuracy,
+        test_accuracy=evaluation.test_accuracy,
+        test_loss=evaluation.test_loss,
+        test_images=evaluation.test_images,
+        best_trial_id=outcome.best_trial_id,
+        best_epoch=outcome.best_epoch,
+        hyperparameters=outcome.best_hyperparameters,
+        trials=outcome.trials,
+        per_class=evaluation.per_class,
+        confusion_matrix=evaluation.confusion_matrix,
+        checkpoint=outcome.best_checkpoint_location,
+        model=model,
+        stop_reason=outcome.stop_reason,
+        ensemble=ensemble,
+        top_trials=outcome.top_trials(),
+    )
 
 
 def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
@@ -57,7 +73,7 @@ def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
 
 def load_checkpoint_model(checkpoint: Path):
     """The model in a trial checkpoint folder, for predicting: uncompiled, as predicting needs neither the optimizer
-    (whose learning-rate schedule may be a custom object of stages.model) nor the loss."""
+    (whose learning-rate schedule may be a custom object of stages.training.model) nor the loss."""
     import keras
 
     return keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False)

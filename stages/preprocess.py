@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import storage
+from stages.common import storage
+from stages.common.errors import BadInputError
+from stages.dataset.idx import NUM_CLASSES, labeled_images_from
 from stages.download import RawData
-from stages.errors import BadInputError
-from stages.idx import NUM_CLASSES, labeled_images_from
 
 
 @dataclass(frozen=True)

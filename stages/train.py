@@ -15,14 +15,14 @@ from typing import Any, Sequence
 from ray import tune
 from ray.tune.stopper import CombinedStopper
 
-from stages import storage
-from stages.errors import BadInputError, StorageError, TrainingError
-from stages.finished_checkpoints import slim_finished_checkpoints
-from stages.hyperparameters import Hyperparameters
-from stages.preload import PreloadForEvaluation
+from stages.common import storage
+from stages.common.errors import BadInputError, StorageError, TrainingError
 from stages.preprocess import LabeledImages
-from stages.progress import SearchProgress
-from stages.search_algorithms import (
+from stages.training.finished_checkpoints import slim_finished_checkpoints
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.preload import PreloadForEvaluation
+from stages.training.progress import SearchProgress
+from stages.training.search_algorithms import (
     STOP_REASON_FILE,
     EpochsDone,
     SearchStopper,
@@ -31,10 +31,10 @@ from stages.search_algorithms import (
     read_stop_reason,
     seed_driver,
 )
-from stages.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
-from stages.trial import run_trial
-from stages.trial_logs import CsvLog, JsonLog
-from stages.tune_results import METRIC, MODE, TuneOutcome, one_line, summarize
+from stages.training.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
+from stages.training.trial import run_trial
+from stages.training.trial_logs import CsvLog, JsonLog
+from stages.training.tune_results import METRIC, MODE, TuneOutcome, one_line, summarize
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ def train(
 ) -> TuneOutcome:
     """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
 
-    The searcher, scheduler and stopper come from stages.search_algorithms. A search that cannot be repeated exactly
-    from `seed` (stages.train_settings.unrepeatable_because) is said in a warning first. A search ended early by
-    settings.target_val_accuracy or settings.time_budget_s ends like a finished one: trials still running are
-    stopped, the best checkpoint so far wins, and the outcome's stop_reason says why.
+    The searcher, scheduler and stopper come from stages.training.search_algorithms. A search that cannot be repeated
+    exactly from `seed` (stages.training.train_settings.unrepeatable_because) is said in a warning first. A search
+    ended early by settings.target_val_accuracy or settings.time_budget_s ends like a finished one: trials still
+    running are stopped, the best checkpoint so far wins, and the outcome's stop_reason says why.
 
     Args:
       train_data, validation_data: the splits, or Ray ObjectRefs to them (then they are not put into the object
@@ -91,7 +91,7 @@ def train(
       The best trial's checkpoint and a summary of every trial.
 
     Raises:
-      BadInputError: the base trial cannot open this search (stages.train_settings.base_trial_problem).
+      BadInputError: the base trial cannot open this search (stages.training.train_settings.base_trial_problem).
       TrainingError: no trial produced a checkpoint, or SIGTERM stopped the experiment before it finished.
       StorageError: the storage path's disk is full.
     """
@@ -99,7 +99,7 @@ def train(
     if problem is not None:
         raise BadInputError(f"train.{problem}")
     unrepeatable = unrepeatable_because(settings, concurrent_trials(settings))
-    if unrepeatable is not None:  # the pipeline warned at its start already (pipeline.runner.check_search)
+    if unrepeatable is not None:  # the pipeline warned at its start already (pipeline.cluster_checks.check_search)
         log.info("train: %s", unrepeatable)
     seed_driver(seed)
     trainable = tune.with_parameters(
@@ -152,7 +152,7 @@ def train(
             sync_config=tune.SyncConfig(sync_period=snapshot_seconds),
             callbacks=[
                 JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (trial_logs.py)
-                SearchProgress(settings.trial_count, settings.epochs),  # the console's lines (stages.progress)
+                SearchProgress(settings.trial_count, settings.epochs),  # the console's lines (stages.training.progress)
                 PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
                 *callbacks,
             ],
@@ -164,7 +164,7 @@ def train(
 
 
 def _finish(outcome: TuneOutcome, settings: TrainSettings) -> TuneOutcome:
-    """Every trial is done: their checkpoints shrink to what evaluation reads (stages.finished_checkpoints)."""
+    """Every trial is done: their checkpoints shrink to what evaluation reads (stages.training.finished_checkpoints)."""
     if settings.slim_checkpoints:
         slim_finished_checkpoints(outcome.ranked)
     return outcome
@@ -213,8 +213,8 @@ def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:
 
 
 def _summarize(results: tune.ResultGrid, storage_path: str, experiment_path: str, experiment: str) -> TuneOutcome:
-    """The outcome, with why the search ended early (`experiment`: the experiment folder as stages.storage names it;
-    `experiment_path`: as Tune does)."""
+    """The outcome, with why the search ended early (`experiment`: the experiment folder as stages.common.storage
+    names it; `experiment_path`: as Tune does)."""
     stop_reason = read_stop_reason(experiment)
     try:
         outcome = summarize(results, experiment_path=experiment_path)

@@ -128,7 +128,7 @@ WORKER_OUTPUT = [
     TRAIN + "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
     TRAIN + f'  File "{SITE}/ray/tune/trainable/trainable.py", line 329, in train',
     TRAIN + "    raise skipped from exception_cause(skipped)",
-    TRAIN + '  File "/repo/stages/trial.py", line 133, in run_trial',
+    TRAIN + '  File "/repo/stages/training/trial.py", line 133, in run_trial',
     TRAIN + "    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))",
     TRAIN + '  File "pyarrow/error.pxi", line 92, in pyarrow.lib.check_status',
     TRAIN + NO_SPACE,

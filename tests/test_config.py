@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.config_loading import load_config
-from stages.errors import BadInputError
+from stages.common.errors import BadInputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def test_quick_config_is_valid_and_small():
 
 
 def test_quick_config_is_repeatable_on_two_cpus():
-    from stages.train_settings import unrepeatable_because
+    from stages.training.train_settings import unrepeatable_because
 
     config = load_config(CONFIGS / "quick.yaml")
     assert config.train.scheduler == "fifo"
@@ -57,7 +57,7 @@ def test_best_config_trains_one_trial_on_both_cpus_and_gates_on_99_5_percent():
     assert config.train.scheduler == "fifo" and config.train.trial_count == 1 and config.train.cpus_per_trial == 2
     assert config.evaluate.min_test_accuracy == 0.995
     assert config.model.batch_norm and config.model.augment_shift > 0 and config.model.label_smoothing > 0
-    from stages.train_settings import unrepeatable_because
+    from stages.training.train_settings import unrepeatable_because
 
     assert unrepeatable_because(config.train, concurrent_trials=1) is None
 

@@ -245,7 +245,7 @@ def test_a_run_another_user_could_write_is_refused(finished, tmp_path, capsys):
 
 def test_the_experiment_is_restored_only_from_the_run_folder():
     from pipeline.run_folder import RunFolder
-    from stages import storage
+    from stages.common import storage
     from stages.train import EXPERIMENT_NAME
 
     for location in ("/runs/x", "s3://bucket/runs/x?region=us-east-1"):
@@ -261,7 +261,7 @@ def test_damaged_outputs_are_recognised(finished, tmp_path):
 
     run = copy_run(finished, tmp_path, "outputs")
     folder = RunFolder(str(run))
-    assert read_metrics(folder)["test_images"] == 200
+    assert read_metrics(folder).test_images == 200
     check_exported_model(folder)
     assert experiment_problem(folder) is None
 
@@ -303,7 +303,7 @@ def test_damaged_outputs_are_recognised(finished, tmp_path):
 def test_a_finished_experiment_read_back_damaged_is_a_data_error(finished, tmp_path, monkeypatch):
     """What the resumed train stage reads back (load_outcome_task): damage is a DataError, which trains again."""
     from pipeline.tasks import load_outcome_task
-    from stages.errors import DataError
+    from stages.common.errors import DataError
 
     monkeypatch.setattr("pipeline.tasks._worker_logging", lambda level: None)  # pytest's logging stays
     read_back = load_outcome_task._function  # the task's own code, here, without Ray

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from stages.common.errors import BadInputError, DownloadError
 from stages.download import CANONICAL_FILES, check_mirror, download
-from stages.errors import BadInputError, DownloadError
 
 FAST = {"backoff_s": 0.01, "timeout_s": 1.0}
 

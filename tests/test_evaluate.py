@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from stages.evaluate import export_model, score
-from stages.hyperparameters import Hyperparameters
-from stages.model import build_model
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.model import build_model
 
 
 def test_metrics_from_known_predictions():
@@ -45,7 +45,7 @@ def test_the_ensemble_averages_its_members_and_reloads_as_predict_needs(tmp_path
     import keras
 
     from pipeline.predict import predict
-    from stages.ensemble import build_ensemble, export_ensemble
+    from stages.evaluation.ensemble import build_ensemble, export_ensemble
 
     members = []
     for seed in range(3):
@@ -65,14 +65,14 @@ def test_the_ensemble_averages_its_members_and_reloads_as_predict_needs(tmp_path
 def ranked(count: int, folder):
     from ray import tune
 
-    from stages.tune_results import RankedCheckpoint
+    from stages.training.tune_results import RankedCheckpoint
 
     checkpoint = tune.Checkpoint.from_directory(str(folder))
     return [RankedCheckpoint(f"t{i}", 0.9 - i / 100, 1, checkpoint, str(folder)) for i in range(count)]
 
 
 def test_fewer_trials_than_k_make_a_smaller_ensemble_one_makes_none(tmp_path, caplog):
-    from stages.ensemble import choose_members, top_k_ensemble
+    from stages.evaluation.ensemble import choose_members, top_k_ensemble
 
     candidates = ranked(4, tmp_path)
     assert choose_members(candidates, 2) == candidates[:2] and not caplog.records
@@ -96,7 +96,7 @@ def test_fewer_trials_than_k_make_a_smaller_ensemble_one_makes_none(tmp_path, ca
 ])
 def test_ensemble_top_k_is_checked(value, error):
     from pipeline.config_loading import load_config
-    from stages.errors import BadInputError
+    from stages.common.errors import BadInputError
 
     with pytest.raises(BadInputError, match=rf"^evaluate.ensemble_top_k: {re.escape(error)}"):
         load_config(None, [f"evaluate.ensemble_top_k={value}"])
@@ -106,12 +106,16 @@ def test_ensemble_top_k_is_checked(value, error):
 
 
 def test_parallel_coordinates_put_every_trial_on_each_axis_in_its_scale():
-    from stages.report import parallel_axes
+    from stages.evaluation.metrics import TrialSummary
+    from stages.evaluation.report import parallel_axes
+
+    def trial(best_val_accuracy: float, **hyperparameters) -> TrialSummary:
+        return TrialSummary("t", "TERMINATED", hyperparameters, epochs=2, best_val_accuracy=best_val_accuracy)
 
     trials = [
-        {"best_val_accuracy": 0.98, "hyperparameters": {"learning_rate": 1e-4, "lr_schedule": "cosine"}},
-        {"best_val_accuracy": 0.99, "hyperparameters": {"learning_rate": 1e-2, "lr_schedule": "constant"}},
-        {"best_val_accuracy": 0.97, "hyperparameters": {"learning_rate": 1e-3, "lr_schedule": "cosine"}},
+        trial(0.98, learning_rate=1e-4, lr_schedule="cosine"),
+        trial(0.99, learning_rate=1e-2, lr_schedule="constant"),
+        trial(0.97, learning_rate=1e-3, lr_schedule="cosine"),
     ]
     axes = parallel_axes(trials, ["learning_rate", "lr_schedule"])
     assert [name for name, _, _ in axes] == ["learning_rate", "lr_schedule", "best_val_accuracy"]

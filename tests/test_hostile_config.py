@@ -17,7 +17,7 @@ import pytest
 from peak_memory import MEASURED_CLI, read_peak
 
 from pipeline.config_loading import load_config
-from stages.errors import BadInputError
+from stages.common.errors import BadInputError
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

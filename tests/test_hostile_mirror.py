@@ -34,7 +34,7 @@ resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a missing bound fa
 resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, 256 << 20))
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from stages.download import download
-from stages.errors import DownloadError
+from stages.common.errors import DownloadError
 
 args = json.loads(sys.argv[1])
 bars = []

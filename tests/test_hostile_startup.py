@@ -146,7 +146,7 @@ def test_a_start_killed_before_its_run_began_does_not_block_its_run_id(tmp_path)
     import fcntl
 
     from pipeline.run_folder import LOCK_FILE, create_run_folder
-    from stages.errors import BadInputError
+    from stages.common.errors import BadInputError
 
     first = create_run_folder(str(tmp_path), "again")
     Path(first.location, LOCK_FILE).write_text("pid 1 on a host that was killed\n")

@@ -5,8 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from stages.errors import DataError
-from stages.idx import parse_idx, read_images, read_labeled_images, read_labels
+from stages.common.errors import DataError
+from stages.dataset.idx import parse_idx, read_images, read_labeled_images, read_labels
 
 
 def test_real_files_parse_to_the_documented_shapes(raw_files):

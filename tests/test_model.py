@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from stages.hyperparameters import Hyperparameters, parameter_count, step_bytes
-from stages.model import build_model
+from stages.training.hyperparameters import Hyperparameters, parameter_count, step_bytes
+from stages.training.model import build_model
 
 TINY = {"conv1_filters": 4, "conv2_filters": 4, "dense_units": 8}  # seconds to train, same layers as the classic
 AUGMENT = {"augment_shift": 0.1, "augment_rotation": 10.0, "augment_zoom": 0.1}
@@ -23,7 +23,7 @@ CLASSIC_LAYERS = [
 @pytest.fixture(scope="module")
 def digits(raw_files):
     """The first 256 real MNIST training images (uint8, (n, 28, 28)) and their labels."""
-    from stages.idx import read_labeled_images
+    from stages.dataset.idx import read_labeled_images
 
     images, labels = read_labeled_images(raw_files.train_images, raw_files.train_labels)
     return images[:256].copy(), labels[:256].copy()
@@ -152,7 +152,7 @@ def test_a_checkpoint_loads_in_a_fresh_process_that_imported_the_model_module(di
     script = """
 import json, sys
 import keras, numpy as np
-import stages.model  # registers our schedule and loss, as stages.trial does before it restores a checkpoint
+import stages.training.model  # registers our schedule and loss, as stages.training.trial does before restoring
 model = keras.models.load_model(sys.argv[1] + "/model.keras", safe_mode=True)
 before = int(model.optimizer.iterations), float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 batch = np.load(sys.argv[1] + "/batch.npz")
@@ -294,7 +294,7 @@ def test_new_hyperparameters_are_bounded(settings):
 def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
     import keras
 
-    from stages.trial import configure_tensorflow
+    from stages.training.trial import configure_tensorflow
 
     try:
         configure_tensorflow(1, mixed_precision=True)

@@ -24,8 +24,8 @@ from peak_memory import MEASURED_CLI, read_peak
 from PIL import Image
 
 from pipeline.predict import load_digit, to_mnist
-from stages.errors import BadInputError
-from stages.idx import images_from, labels_from
+from stages.common.errors import BadInputError
+from stages.dataset.idx import images_from, labels_from
 
 REPO = Path(__file__).resolve().parent.parent
 ORIENTATION = 0x0112  # the EXIF tag
@@ -45,8 +45,8 @@ def trained_model(mnist_test, tmp_path_factory) -> tuple[Path, np.ndarray]:
     CPU), saved as .keras; with the indices of later digits it classifies correctly and confidently."""
     import keras
 
-    from stages.hyperparameters import Hyperparameters
-    from stages.model import build_model
+    from stages.training.hyperparameters import Hyperparameters
+    from stages.training.model import build_model
 
     images, labels = mnist_test
     keras.utils.set_random_seed(0)

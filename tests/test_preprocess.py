@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from stages.errors import BadInputError
+from stages.common.errors import BadInputError
 from stages.preprocess import load_splits, manifest, preprocess, save_splits, stratified_split
 
 
@@ -69,7 +69,7 @@ def test_saved_dataset_round_trips_with_its_manifest(raw_data, tmp_path):
 def test_an_identical_split_is_reused_from_the_cache_and_verified(raw_data, tmp_path, caplog):
     import logging
 
-    from stages.dataset_cache import cached_preprocess
+    from stages.dataset.dataset_cache import cached_preprocess
 
     settings = dict(validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
     first, info, reused = cached_preprocess(raw_data, tmp_path, **settings)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.common.redact import redact, redact_uri
 from stages.download import download
-from stages.redact import redact, redact_uri
 
 REPO = Path(__file__).resolve().parent.parent
 

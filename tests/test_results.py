@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.hyperparameters import Hyperparameters
-from stages.tune_results import METRIC, MODE, TuneOutcome, summarize
+from stages.evaluation.metrics import RunMetrics
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.tune_results import METRIC, MODE, TuneOutcome, summarize
 
 # validation accuracy per epoch of each scripted trial; "retry" first reports its epoch 3 as 0.1 and crashes, then
 # trains epoch 3 again from its epoch-2 checkpoint; "broken" fails in epoch 2 on every attempt
@@ -79,7 +80,7 @@ def models(splits, tmp_path_factory) -> Path:
     2,000 images), so that it is by far the best on the test set while its validation accuracy is the worst."""
     import keras
 
-    from stages.model import build_model
+    from stages.training.model import build_model
 
     folder = tmp_path_factory.mktemp("models")
     for index, (name, script) in enumerate(SCRIPTS.items()):
@@ -210,9 +211,9 @@ def test_evaluate_scores_and_exports_the_best_checkpoint(evaluated, models, spli
     images, labels = splits.test.images, splits.test.labels
     peak = score(predictions(models / "peak-2.keras", images), labels)
     latest = score(predictions(models / "peak-4.keras", images), labels)
-    assert metrics["test_loss"] == pytest.approx(peak.test_loss, rel=1e-5)
-    assert metrics["test_loss"] != pytest.approx(latest.test_loss, rel=1e-5)
-    assert metrics["test_accuracy"] == peak.test_accuracy and metrics["best_epoch"] == 2
+    assert metrics.test_loss == pytest.approx(peak.test_loss, rel=1e-5)
+    assert metrics.test_loss != pytest.approx(latest.test_loss, rel=1e-5)
+    assert metrics.test_accuracy == peak.test_accuracy and metrics.best_epoch == 2
     exported = predictions(folder / "model" / "model.keras", images[:20])
     assert np.allclose(exported, predictions(models / "peak-2.keras", images[:20]), atol=1e-6)
 
@@ -249,7 +250,7 @@ def test_trials_csv_has_one_row_per_trial_and_epoch(evaluated, outcome):
 
 
 def test_top_trials_in_metrics_summary_and_report(evaluated, outcome):
-    from pipeline.runner import RunSummary, format_summary, summary_record
+    from pipeline.summary import RunSummary, format_summary, summary_record
 
     folder, metrics = evaluated
     ids = trial_ids(outcome)
@@ -262,10 +263,11 @@ def test_top_trials_in_metrics_summary_and_report(evaluated, outcome):
          "hyperparameters": {"name": "low", "learning_rate": 0.03}},
     ]
     written = json.loads((folder / "metrics.json").read_text())
-    assert metrics["top_trials"] == written["top_trials"] == expected
+    assert [dataclasses.asdict(top) for top in metrics.top_trials] == written["top_trials"] == expected
     assert written["stop_reason"] == STOP_REASON
-    summary = RunSummary("results", str(folder), written, {"download": 1.0, "preprocess": 1.0, "train": 10.0,
-                                                           "evaluate": 5.0})
+    seconds = {"download": 1.0, "preprocess": 1.0, "train": 10.0, "evaluate": 5.0}
+    assert RunMetrics.from_json(written) == metrics, "metrics.json reads back as the metrics evaluate returned"
+    summary = RunSummary("results", str(folder), RunMetrics.from_json(written), seconds)
     record = summary_record(summary)
     assert record["top_trials"] == expected and record["stop_reason"] == STOP_REASON
     assert record["ensemble"]["trial_ids"] == [ids["peak"], ids["retry"]]
@@ -298,24 +300,24 @@ def test_the_ensemble_averages_the_k_best_trials_by_validation(evaluated, outcom
 
     folder, metrics = evaluated
     ids = trial_ids(outcome)
-    ensemble = metrics["ensemble"]
-    assert ensemble["k"] == 2 and ensemble["trial_ids"] == [ids["peak"], ids["retry"]]
+    ensemble = metrics.ensemble
+    assert ensemble.k == 2 and ensemble.trial_ids == [ids["peak"], ids["retry"]]
     images, labels = splits.test.images, splits.test.labels
     members = [predictions(models / "peak-2.keras", images), predictions(models / "retry-3.keras", images)]
     expected = score(np.mean(members, axis=0), labels)
-    assert ensemble["test_accuracy"] == expected.test_accuracy
-    assert ensemble["test_loss"] == pytest.approx(expected.test_loss, rel=1e-5)
+    assert ensemble.test_accuracy == expected.test_accuracy
+    assert ensemble.test_loss == pytest.approx(expected.test_loss, rel=1e-5)
     # only validation decided: "low" alone is far better on the test set, yet not a member
     low = score(predictions(models / "low-2.keras", images), labels)
     assert low.test_accuracy > max(score(p, labels).test_accuracy for p in members) + 0.3
     # the single best model's numbers stay the headline ones
-    assert metrics["test_accuracy"] == score(members[0], labels).test_accuracy
+    assert metrics.test_accuracy == score(members[0], labels).test_accuracy
     summary_line = next(line for line in format_summary_lines(folder, metrics) if "test accuracy:" in line)
-    assert f"ensemble of the 2 best trials: {ensemble['test_accuracy']:.4f}" in summary_line
+    assert f"ensemble of the 2 best trials: {ensemble.test_accuracy:.4f}" in summary_line
 
 
-def format_summary_lines(folder: Path, metrics: dict) -> list[str]:
-    from pipeline.runner import RunSummary, format_summary
+def format_summary_lines(folder: Path, metrics) -> list[str]:
+    from pipeline.summary import RunSummary, format_summary
 
     seconds = {"download": 1.0, "preprocess": 1.0, "train": 1.0, "evaluate": 1.0}
     return format_summary(RunSummary("results", str(folder), metrics, seconds)).splitlines()
@@ -323,7 +325,7 @@ def format_summary_lines(folder: Path, metrics: dict) -> list[str]:
 
 def test_the_exported_ensemble_is_what_predict_loads(evaluated, models, splits):
     from pipeline.predict import find_model, predict
-    from stages.errors import BadInputError
+    from stages.common.errors import BadInputError
 
     folder, _ = evaluated
     location = find_model(str(folder), str(folder.parent), ensemble=True)
@@ -346,7 +348,7 @@ def test_the_exported_ensemble_is_what_predict_loads(evaluated, models, splits):
 def test_a_run_evaluated_before_top_trials_existed_still_summarizes(tmp_path):
     from pipeline.run_files import DamagedFile, read_metrics
     from pipeline.run_folder import RunFolder
-    from pipeline.runner import RunSummary, format_summary, summary_record
+    from pipeline.summary import RunSummary, format_summary, summary_record
 
     old = {  # what evaluate wrote before trials.csv, top_trials, ensemble and stop_reason
         "val_accuracy": 0.98, "test_accuracy": 0.97, "test_loss": 0.1, "test_images": 100, "best_trial_id": "a_00000",
@@ -375,7 +377,7 @@ def test_a_run_evaluated_before_top_trials_existed_still_summarizes(tmp_path):
 
 
 def test_trials_csv_leaves_missing_values_empty():
-    from stages.tune_results import history_csv
+    from stages.training.tune_results import history_csv
 
     rows = [
         {"trial_id": "a", "status": "ERROR", "epoch": 1, "dropout": 0.5, "val_accuracy": None},

@@ -299,3 +299,24 @@ def test_resume_refusals(tmp_path, mnist_mirror):
         process.kill()
         process.wait()
         _end_session(process.pid)
+
+
+def test_state_pickled_before_the_parts_moved_into_subpackages_still_loads():
+    """Tune restores an experiment by unpickling it; a run started when the stages' parts were modules of `stages`
+    itself (stages.trial.run_trial, stages.search_algorithms..., stages.errors...) names them so. In a fresh
+    interpreter, every old name unpickles to the very object of the module it moved to."""
+    script = """
+import inspect, pickle, sys
+import stages
+for old, package in stages._MOVED.items():
+    module = __import__(f"stages.{package}.{old}", fromlist=["_"])
+    name = next(name for name, value in vars(module).items()
+                if (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == module.__name__)
+    loaded = pickle.loads(f"cstages.{old}\\n{name}\\n.".encode())
+    assert loaded is getattr(module, name), (old, name)
+    assert module.__spec__.name == module.__name__, "the moved module keeps its own spec"
+print(len(stages._MOVED))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == 22, "every module that moved"

@@ -1,5 +1,5 @@
-"""Searchers, schedulers and when a search stops, through real Ray Tune and the real trainable (stages.trial via
-stages.train.train) on a slice of real MNIST (1,000 training and 500 validation images) with a tiny CNN.
+"""Searchers, schedulers and when a search stops, through real Ray Tune and the real trainable (stages.training.trial
+via stages.train.train) on a slice of real MNIST (1,000 training and 500 validation images) with a tiny CNN.
 
 Each setting is checked against what it must do, so that a setting silently ignored fails its test: ASHA's epochs are
 replayed from the trials' own results with its rule, the model-based searchers' suggestions are replayed with the
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from stages.errors import BadInputError, TrainingError
-from stages.hyperparameters import Hyperparameters
-from stages.train_settings import TrainSettings, unrepeatable_because
-from stages.tune_results import METRIC, MODE
+from stages.common.errors import BadInputError, TrainingError
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.train_settings import TrainSettings, unrepeatable_because
+from stages.training.tune_results import METRIC, MODE
 
 BASE = Hyperparameters(conv1_filters=4, conv2_filters=8, dense_units=32, learning_rate=3e-3)
 BASE_PARAMETERS = (5 * 5 * 1 * 4 + 4) + (5 * 5 * 4 * 8 + 8) + (7 * 7 * 8 * 32 + 32) + (32 * 10 + 10)
@@ -277,8 +277,8 @@ def test_evaluation_modules_load_in_the_train_process_once_no_trial_waits(data, 
     def train_in_a_fresh_worker(refs: list, root: str, base, search, seed: int) -> tuple[bool, bool, bool]:
         import sys
 
-        from stages.preload import MODULES, preloading
         from stages.train import train
+        from stages.training.preload import MODULES, preloading
 
         before = all(name in sys.modules for name in MODULES)
         train(*refs, base=base, settings=search, storage_path=root, seed=seed)

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from pipeline.task_failures import task_failure
-from stages.errors import DataError, PipelineError, StorageError
+from stages.common.errors import DataError, PipelineError, StorageError
 
 
 def task_error(cause: BaseException, function: str = "evaluate_task") -> ray.exceptions.RayTaskError:

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 SCRIPT = """
-from stages.trial import configure_tensorflow
+from stages.training.trial import configure_tensorflow
 configure_tensorflow({cpus})
 import tensorflow as tf
 tf.constant(1.0) + 1  # initialises the runtime with the settings

@@ -1,8 +1,8 @@
 """One trial, repeatable and restorable: its seed comes from the run's seed and its creation index; a trial restored
 from a checkpoint (a retry, PBT's exploit) goes on exactly where it stopped, with the config it is given.
 
-The experiments are real Tune runs of the real `stages.trial.run_trial` on 1,000 real MNIST training images and 500
-validation images, with a tiny CNN, sharing one 2-CPU Ray (each trial on 1 CPU); a few tests call the trial's
+The experiments are real Tune runs of the real `stages.training.trial.run_trial` on 1,000 real MNIST training images
+and 500 validation images, with a tiny CNN, sharing one 2-CPU Ray (each trial on 1 CPU); a few tests call the trial's
 restore directly on tiny models.
 """
 
@@ -18,9 +18,9 @@ import pytest
 import ray
 from ray import tune
 
-from stages.errors import TrainingError
-from stages.hyperparameters import Hyperparameters
-from stages.trial import (
+from stages.common.errors import TrainingError
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.trial import (
     CHECKPOINT_MODEL,
     CHECKPOINT_STATE,
     epoch_order,
@@ -206,7 +206,7 @@ def trained_checkpoint(folder, hp, images, labels, *, epochs=1):
     """What run_trial writes after `epochs` epochs of `hp`."""
     import keras
 
-    from stages.model import build_model
+    from stages.training.model import build_model
 
     keras.utils.set_random_seed(1)
     model = build_model(hp)
@@ -224,7 +224,7 @@ def digits(splits):
 
 
 def test_another_optimizer_takes_the_weights_and_the_iteration_count_only(tmp_path, digits):
-    from stages.model import build_model
+    from stages.training.model import build_model
 
     saved = trained_checkpoint(tmp_path / "adam", Hyperparameters(**TINY), *digits)
     model = build_model(Hyperparameters(**{**TINY, "optimizer": "sgd", "learning_rate": 0.05}))
@@ -237,7 +237,7 @@ def test_another_optimizer_takes_the_weights_and_the_iteration_count_only(tmp_pa
 
 
 def test_the_same_optimizer_keeps_its_moments_under_a_new_learning_rate(tmp_path, digits):
-    from stages.model import build_model
+    from stages.training.model import build_model
 
     saved = trained_checkpoint(tmp_path / "adam", Hyperparameters(**TINY), *digits)
     model = build_model(Hyperparameters(**{**TINY, "learning_rate": 0.01}))
@@ -252,7 +252,7 @@ def test_the_same_optimizer_keeps_its_moments_under_a_new_learning_rate(tmp_path
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, digits):
-    from stages.model import build_model
+    from stages.training.model import build_model
 
     trained_checkpoint(tmp_path / "small", Hyperparameters(**TINY), *digits)
     model = build_model(Hyperparameters(**{**TINY, "dense_units": 64}))
@@ -261,7 +261,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, digits):
 
 
 def test_an_oversized_or_broken_checkpoint_is_refused_before_keras_opens_it(tmp_path, digits):
-    from stages.model import build_model
+    from stages.training.model import build_model
 
     folder = tmp_path / "bloated"
     trained_checkpoint(folder, Hyperparameters(**TINY), *digits)

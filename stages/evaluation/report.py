@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from stages import storage
-from stages.tune_results import searched_hyperparameters as varied_hyperparameters
+from stages.common import storage
+from stages.evaluation.metrics import ClassMetrics, EnsembleMetrics, RunMetrics, TrialSummary
+from stages.training.tune_results import searched_hyperparameters as varied_hyperparameters
 
 FIGURES = ("curves", "parallel", "hyperparameters", "confusion", "mistakes", "per_class")
 MAX_MISTAKES_SHOWN = 40
@@ -24,7 +25,7 @@ _ACCENT, _MUTED, _STOPPED = "#d62728", "#9aa5b1", "#1f77b4"
 @dataclass(frozen=True)
 class ReportInputs:
     run_id: str
-    metrics: dict[str, Any]  # what evaluate writes to metrics.json
+    metrics: RunMetrics
     stage_seconds: dict[str, float]
     epochs: int  # the most a trial could train: trials with fewer were stopped early
     test_images: np.ndarray  # (n, 28, 28) uint8
@@ -39,9 +40,9 @@ def write_report(inputs: ReportInputs, page_location: str, figures_location: str
         "curves": _curves(inputs),
         "parallel": _parallel_coordinates(inputs),
         "hyperparameters": _hyperparameters(inputs),
-        "confusion": _confusion(inputs.metrics["confusion_matrix"]),
+        "confusion": _confusion(inputs.metrics.confusion_matrix),
         "mistakes": _mistakes(inputs),
-        "per_class": _per_class(inputs.metrics["per_class"]),
+        "per_class": _per_class(inputs.metrics.per_class),
     }
     for name, png in pngs.items():
         storage.write_bytes(storage.join(figures_location, f"{name}.png"), png)
@@ -77,17 +78,17 @@ def _png(figure, plt) -> bytes:
 def _curves(inputs: ReportInputs) -> bytes:
     figure, plt = _figure(8, 4.5)
     axes = figure.add_subplot()
-    best_id = inputs.metrics["best_trial_id"]
-    for trial in sorted(inputs.metrics["trials"], key=lambda t: t["trial_id"] == best_id):
-        history = trial.get("val_accuracy_by_epoch") or []
+    best_id = inputs.metrics.best_trial_id
+    for trial in sorted(inputs.metrics.trials, key=lambda t: t.trial_id == best_id):
+        history = trial.val_accuracy_by_epoch
         if not history:
             continue
         epochs = range(1, len(history) + 1)
-        best = trial["trial_id"] == best_id
+        best = trial.trial_id == best_id
         style = {"color": _ACCENT, "linewidth": 2.5, "zorder": 3} if best else {"color": _MUTED, "linewidth": 1}
-        axes.plot(epochs, history, marker="o", markersize=3, label=f"{trial['trial_id']} (best)" if best else None,
+        axes.plot(epochs, history, marker="o", markersize=3, label=f"{trial.trial_id} (best)" if best else None,
                   **style)
-        if len(history) < inputs.epochs or trial["status"] == "ERROR":  # cut short: mark where it stopped
+        if len(history) < inputs.epochs or trial.status == "ERROR":  # cut short: mark where it stopped
             axes.plot(len(history), history[-1], marker="x", markersize=9, color=_STOPPED if not best else _ACCENT,
                       zorder=4)
     axes.plot([], [], marker="x", linestyle="none", color=_STOPPED, label="stopped early (ASHA) or failed")
@@ -101,21 +102,21 @@ def _curves(inputs: ReportInputs) -> bytes:
     return _png(figure, plt)
 
 
-def searched_hyperparameters(trials: list[dict]) -> list[str]:
+def searched_hyperparameters(trials: list[TrialSummary]) -> list[str]:
     """The hyperparameters that differ between trials (the ones the search explored)."""
-    return varied_hyperparameters([t["hyperparameters"] for t in trials])
+    return varied_hyperparameters([t.hyperparameters for t in trials])
 
 
 def _hyperparameters(inputs: ReportInputs) -> bytes:
-    trials = [t for t in inputs.metrics["trials"] if t.get("best_val_accuracy") is not None]
-    names = searched_hyperparameters(trials) or list(inputs.metrics["hyperparameters"])[:1]
+    trials = [t for t in inputs.metrics.trials if t.best_val_accuracy is not None]
+    names = searched_hyperparameters(trials) or list(inputs.metrics.hyperparameters)[:1]
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
     figure, plt = _figure(4 * columns, 3.2 * rows)
-    best_id = inputs.metrics["best_trial_id"]
+    best_id = inputs.metrics.best_trial_id
     for index, name in enumerate(names, start=1):
         axes = figure.add_subplot(rows, columns, index)
-        values = [t["hyperparameters"][name] for t in trials]
+        values = [t.hyperparameters[name] for t in trials]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:
             positions = values
@@ -126,9 +127,9 @@ def _hyperparameters(inputs: ReportInputs) -> bytes:
             positions = [categories.index(str(v)) for v in values]
             axes.set_xticks(range(len(categories)), categories)
         for trial, x in zip(trials, positions):
-            best = trial["trial_id"] == best_id
-            full = trial["epochs"] >= inputs.epochs
-            axes.scatter(x, trial["best_val_accuracy"], s=140 if best else 40, marker="*" if best else "o",
+            best = trial.trial_id == best_id
+            full = trial.epochs >= inputs.epochs
+            axes.scatter(x, trial.best_val_accuracy, s=140 if best else 40, marker="*" if best else "o",
                          color=_ACCENT if best else (_MUTED if full else _STOPPED), zorder=3 if best else 2,
                          edgecolors="black" if best else "none")
         axes.set_title(name)
@@ -141,13 +142,15 @@ def _hyperparameters(inputs: ReportInputs) -> bytes:
     return _png(figure, plt)
 
 
-def parallel_axes(trials: list[dict], names: list[str]) -> list[tuple[str, list[float], list[tuple[float, str]]]]:
+def parallel_axes(
+    trials: list[TrialSummary], names: list[str]
+) -> list[tuple[str, list[float], list[tuple[float, str]]]]:
     """One axis per hyperparameter, then the best validation accuracy: (name, each trial's position on it in [0, 1],
     ticks as (position, label)). Numbers keep their scale (learning rate and weight decay logarithmic), other values
     are spread evenly in sorted order."""
     axes = []
     for name in [*names, "best_val_accuracy"]:
-        values = [t["best_val_accuracy"] if name == "best_val_accuracy" else t["hyperparameters"].get(name)
+        values = [t.best_val_accuracy if name == "best_val_accuracy" else t.hyperparameters.get(name)
                   for t in trials]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:
@@ -171,21 +174,21 @@ def parallel_axes(trials: list[dict], names: list[str]) -> list[tuple[str, list[
 def _parallel_coordinates(inputs: ReportInputs) -> bytes:
     """Every trial as a line across its hyperparameters to its best validation accuracy, coloured by it: the view
     W&B, Optuna's dashboard and Katib open with."""
-    trials = sorted((t for t in inputs.metrics["trials"] if t.get("best_val_accuracy") is not None),
-                    key=lambda t: t["best_val_accuracy"])  # the best drawn last, on top
-    names = searched_hyperparameters(trials) or list(inputs.metrics["hyperparameters"])[:1]
+    trials = sorted((t for t in inputs.metrics.trials if t.best_val_accuracy is not None),
+                    key=lambda t: t.best_val_accuracy)  # the best drawn last, on top
+    names = searched_hyperparameters(trials) or list(inputs.metrics.hyperparameters)[:1]
     axes_data = parallel_axes(trials, names)
     figure, plt = _figure(max(6.0, 1.9 * len(axes_data)), 4.2)
     axes = figure.add_subplot()
-    accuracies = [t["best_val_accuracy"] for t in trials]
+    accuracies = [t.best_val_accuracy for t in trials]
     low, high = (min(accuracies), max(accuracies)) if accuracies else (0.0, 1.0)
     colours = plt.get_cmap("viridis")
-    best_id = inputs.metrics["best_trial_id"]
+    best_id = inputs.metrics.best_trial_id
     xs = list(range(len(axes_data)))
     for index, trial in enumerate(trials):
         ys = [positions[index] for _, positions, _ in axes_data]
-        best = trial["trial_id"] == best_id
-        shade = (trial["best_val_accuracy"] - low) / ((high - low) or 1.0)
+        best = trial.trial_id == best_id
+        shade = (trial.best_val_accuracy - low) / ((high - low) or 1.0)
         axes.plot(xs, ys, color=_ACCENT if best else colours(shade), linewidth=2.6 if best else 1.2,
                   alpha=1.0 if best else 0.8, zorder=3 if best else 2, marker="o", markersize=3)
     for x, (name, _, ticks) in zip(xs, axes_data):
@@ -265,10 +268,10 @@ def _mistakes(inputs: ReportInputs) -> bytes:
     return _png(figure, plt)
 
 
-def _per_class(per_class: list[dict]) -> bytes:
-    digits = [c["digit"] for c in per_class]
-    precision = [c["precision"] for c in per_class]
-    recall = [c["recall"] for c in per_class]
+def _per_class(per_class: list[ClassMetrics]) -> bytes:
+    digits = [c.digit for c in per_class]
+    precision = [c.precision for c in per_class]
+    recall = [c.recall for c in per_class]
     figure, plt = _figure(8, 3.5)
     axes = figure.add_subplot()
     width = 0.4
@@ -286,15 +289,14 @@ def _per_class(per_class: list[dict]) -> bytes:
 
 def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
     metrics = inputs.metrics
-    accuracy, n = metrics["test_accuracy"], metrics["test_images"]
+    accuracy, n = metrics.test_accuracy, metrics.test_images
     low, high = accuracy_interval(accuracy, n)
-    trials = metrics["trials"]
-    ranked = sorted((t for t in trials if t.get("best_val_accuracy") is not None),
-                    key=lambda t: -t["best_val_accuracy"])
-    runner_up = ranked[1]["best_val_accuracy"] if len(ranked) > 1 else None
+    trials = metrics.trials
+    ranked = sorted((t for t in trials if t.best_val_accuracy is not None), key=lambda t: -t.best_val_accuracy)
+    runner_up = ranked[1].best_val_accuracy if len(ranked) > 1 else None
     searched = searched_hyperparameters(trials)
-    worst = sorted(metrics["per_class"], key=lambda c: c["f1"])[:2]
-    confusion = np.array(metrics["confusion_matrix"])
+    worst = sorted(metrics.per_class, key=lambda c: c.f1)[:2]
+    confusion = np.array(metrics.confusion_matrix)
     np.fill_diagonal(confusion, 0)
     true, predicted = np.unravel_index(confusion.argmax(), confusion.shape)
 
@@ -309,34 +311,34 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
 
     best_rows = "".join(
         f"<tr{' class=searched' if name in searched else ''}><th>{html.escape(name)}</th><td>{cell(value)}</td></tr>"
-        for name, value in metrics["hyperparameters"].items()
+        for name, value in metrics.hyperparameters.items()
     )
     trial_rows = "".join(
         "<tr{cls}><td>{id}</td><td>{status}</td><td>{epochs}</td><td>{val}</td>{hps}</tr>".format(
-            cls=" class=best" if t["trial_id"] == metrics["best_trial_id"] else "",
-            id=html.escape(t["trial_id"]),
-            status=html.escape("failed: " + (t.get("error") or "") if t["status"] == "ERROR" else
-                               ("stopped early" if t["epochs"] < inputs.epochs else "completed")),
-            epochs=t["epochs"],
-            val=f"{t['best_val_accuracy']:.4f}" if t.get("best_val_accuracy") is not None else "–",
-            hps="".join(f"<td>{cell(t['hyperparameters'].get(name))}</td>" for name in searched),
+            cls=" class=best" if t.trial_id == metrics.best_trial_id else "",
+            id=html.escape(t.trial_id),
+            status=html.escape("failed: " + (t.error or "") if t.status == "ERROR" else
+                               ("stopped early" if t.epochs < inputs.epochs else "completed")),
+            epochs=t.epochs,
+            val=f"{t.best_val_accuracy:.4f}" if t.best_val_accuracy is not None else "–",
+            hps="".join(f"<td>{cell(t.hyperparameters.get(name))}</td>" for name in searched),
         )
-        for t in sorted(trials, key=lambda t: -(t.get("best_val_accuracy") or 0))
+        for t in sorted(trials, key=lambda t: -(t.best_val_accuracy or 0))
     )
-    top = metrics.get("top_trials") or []
-    top_names = list(dict.fromkeys(name for t in top for name in t["hyperparameters"]))
+    top = metrics.top_trials
+    top_names = list(dict.fromkeys(name for t in top for name in t.hyperparameters))
     top_rows = "".join(
         "<tr{cls}><td>{rank}</td><td>{id}</td><td>{val:.4f}</td><td>{epoch}</td><td>{epochs}</td>{hps}</tr>".format(
-            cls=" class=best" if t["trial_id"] == metrics["best_trial_id"] else "",
-            rank=rank, id=html.escape(t["trial_id"]), val=t["best_val_accuracy"], epoch=t["best_epoch"],
-            epochs=t["epochs"], hps="".join(f"<td>{cell(t['hyperparameters'].get(name))}</td>" for name in top_names),
+            cls=" class=best" if t.trial_id == metrics.best_trial_id else "",
+            rank=rank, id=html.escape(t.trial_id), val=t.best_val_accuracy, epoch=t.best_epoch,
+            epochs=t.epochs, hps="".join(f"<td>{cell(t.hyperparameters.get(name))}</td>" for name in top_names),
         )
         for rank, t in enumerate(top, start=1)
     )
     class_rows = "".join(
-        f"<tr><td>{c['digit']}</td><td>{c['precision']:.4f}</td><td>{c['recall']:.4f}</td><td>{c['f1']:.4f}</td>"
-        f"<td>{c['support']}</td></tr>"
-        for c in metrics["per_class"]
+        f"<tr><td>{c.digit}</td><td>{c.precision:.4f}</td><td>{c.recall:.4f}</td><td>{c.f1:.4f}</td>"
+        f"<td>{c.support}</td></tr>"
+        for c in metrics.per_class
     )
     timing_rows = "".join(
         f"<tr><th>{html.escape(stage)}</th><td>{_duration(seconds)}</td></tr>"
@@ -344,16 +346,16 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
     )
     margin = (
         f" The runner-up trial reached {runner_up:.2%} on validation "
-        f"({(metrics['val_accuracy'] - runner_up) * 100:+.2f} points)." if runner_up is not None else ""
+        f"({(metrics.val_accuracy - runner_up) * 100:+.2f} points)." if runner_up is not None else ""
     )
     headline = (
         f"Test accuracy <b>{accuracy:.2%}</b> on {n:,} images (95% interval {low:.2%}–{high:.2%}); "
-        f"{n - round(accuracy * n)} mistakes. Best of {len(trials)} trials: <b>{html.escape(metrics['best_trial_id'])}"
-        f"</b>, validation accuracy {metrics['val_accuracy']:.2%} at epoch {metrics['best_epoch']}.{margin} "
+        f"{n - round(accuracy * n)} mistakes. Best of {len(trials)} trials: <b>{html.escape(metrics.best_trial_id)}"
+        f"</b>, validation accuracy {metrics.val_accuracy:.2%} at epoch {metrics.best_epoch}.{margin} "
         f"Most confused: true {true} predicted as {predicted} ({confusion[true, predicted]}×); weakest digits "
-        f"by F1: {', '.join(str(c['digit']) for c in worst)}."
-        + _ensemble_sentence(metrics.get("ensemble"), accuracy)
-        + (f" The search stopped early: {html.escape(metrics['stop_reason'])}." if metrics.get("stop_reason") else "")
+        f"by F1: {', '.join(str(c.digit) for c in worst)}."
+        + _ensemble_sentence(metrics.ensemble, accuracy)
+        + (f" The search stopped early: {html.escape(metrics.stop_reason)}." if metrics.stop_reason else "")
     )
     return _PAGE.format(
         run_id=html.escape(inputs.run_id),
@@ -374,14 +376,14 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
     )
 
 
-def _ensemble_sentence(ensemble: dict | None, single_accuracy: float) -> str:
+def _ensemble_sentence(ensemble: EnsembleMetrics | None, single_accuracy: float) -> str:
     if not ensemble:
         return ""
-    members = ", ".join(html.escape(trial_id) for trial_id in ensemble["trial_ids"])
+    members = ", ".join(html.escape(trial_id) for trial_id in ensemble.trial_ids)
     return (
-        f" An ensemble averaging the {ensemble['k']} best trials by validation accuracy ({members}) reached "
-        f"<b>{ensemble['test_accuracy']:.2%}</b> on test "
-        f"({(ensemble['test_accuracy'] - single_accuracy) * 100:+.2f} points; exported as model/ensemble.keras)."
+        f" An ensemble averaging the {ensemble.k} best trials by validation accuracy ({members}) reached "
+        f"<b>{ensemble.test_accuracy:.2%}</b> on test "
+        f"({(ensemble.test_accuracy - single_accuracy) * 100:+.2f} points; exported as model/ensemble.keras)."
     )
 
 

@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 log = logging.getLogger(__name__)
 
-MODULES = ("tensorflow", "matplotlib.pyplot")  # what stages.evaluate and stages.report import first
+MODULES = ("tensorflow", "matplotlib.pyplot")  # what stages.evaluate and stages.evaluation.report import first
 _thread: threading.Thread | None = None  # the import in this process, once begun
 
 
@@ -49,7 +49,7 @@ def preloading() -> threading.Thread | None:
 def _import_modules() -> None:
     import matplotlib
 
-    matplotlib.use("Agg")  # as stages.report does: no display, and set before pyplot is imported
+    matplotlib.use("Agg")  # as stages.evaluation.report does: no display, and set before pyplot is imported
     for name in MODULES:
         try:
             importlib.import_module(name)

@@ -27,10 +27,10 @@ from ray.tune.schedulers import (
 from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from stages import storage
-from stages.hyperparameters import Hyperparameters
-from stages.train_settings import Distribution, TrainSettings
-from stages.tune_results import METRIC
+from stages.common import storage
+from stages.training.hyperparameters import Hyperparameters
+from stages.training.train_settings import Distribution, TrainSettings
+from stages.training.tune_results import METRIC
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def make_searcher(settings: TrainSettings, base: Hyperparameters, seed: int) -> 
 
         searcher = HyperOptSearch(points_to_evaluate=points, random_state_seed=seed)
     else:
-        from stages.bohb_search import BOHBSearch  # imports ConfigSpace and hpbandster: seconds
+        from stages.training.bohb_search import BOHBSearch  # imports ConfigSpace and hpbandster: seconds
 
         searcher = BOHBSearch(points_to_evaluate=points, seed=seed)
     # BOHB takes the limit itself (ConcurrencyLimiter hands it over): it counts running trials only, so that trials

@@ -12,8 +12,9 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from stages.errors import TrainingError
-from stages.trial import to_python
+from stages.common.errors import TrainingError
+from stages.evaluation.metrics import TopTrial, TrialSummary
+from stages.training.trial import to_python
 
 METRIC, MODE = "val_accuracy", "max"
 TOP_TRIALS = 5  # trials in the summary's and the report's ranking
@@ -21,20 +22,6 @@ TOP_TRIALS = 5  # trials in the summary's and the report's ranking
 EPOCH_METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "images_per_second", "node_id")
 # what Tune adds to every result (times, ids, host, its own bookkeeping): not the trial's metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "epoch"}
-
-
-@dataclass(frozen=True)
-class TrialSummary:
-    """What one trial did."""
-
-    trial_id: str
-    status: str  # TERMINATED (finished or stopped early by the scheduler) or ERROR
-    hyperparameters: dict[str, Any]
-    epochs: int
-    best_val_accuracy: float | None
-    nodes: list[str] = field(default_factory=list)  # Ray node ids the trial's epochs ran on
-    error: str | None = None
-    val_accuracy_by_epoch: list[float] = field(default_factory=list)  # [epoch 1, epoch 2, ...]
 
 
 @dataclass(frozen=True)
@@ -66,19 +53,19 @@ class TuneOutcome:
     # one row per trial per epoch (an epoch trained again after a crash: its last result), for trials.csv
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def top_trials(self, limit: int = TOP_TRIALS) -> list[dict[str, Any]]:
+    def top_trials(self, limit: int = TOP_TRIALS) -> list[TopTrial]:
         """The `limit` best trials by validation accuracy: id, best validation accuracy, its epoch, epochs trained,
         and the hyperparameters the search varied."""
         trials = {trial.trial_id: trial for trial in self.trials}
         searched = searched_hyperparameters([trial.hyperparameters for trial in self.trials])
         return [
-            {
-                "trial_id": entry.trial_id,
-                "best_val_accuracy": entry.val_accuracy,
-                "best_epoch": entry.epoch,
-                "epochs": trials[entry.trial_id].epochs,
-                "hyperparameters": {name: trials[entry.trial_id].hyperparameters.get(name) for name in searched},
-            }
+            TopTrial(
+                trial_id=entry.trial_id,
+                best_val_accuracy=entry.val_accuracy,
+                best_epoch=entry.epoch,
+                epochs=trials[entry.trial_id].epochs,
+                hyperparameters={name: trials[entry.trial_id].hyperparameters.get(name) for name in searched},
+            )
             for entry in self.ranked[:limit]
         ]
 

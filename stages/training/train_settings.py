@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.hyperparameters import Hyperparameters, Real
-from stages.redact import redact
+from stages.common.redact import redact
+from stages.training.hyperparameters import Hyperparameters, Real
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 MAX_VALUES = 1000  # of a choice or grid: more is a typo or generated, and a grid multiplies the trials
@@ -169,7 +169,7 @@ class TrainSettings(BaseModel):
             "batch_size": Distribution(kind="choice", args=(64, 128, 256)),
             "lr_schedule": Distribution(kind="choice", args=("constant", "cosine")),
         },
-        description="hyperparameter: {distribution: arguments}; see stages/train_settings.py",
+        description="hyperparameter: {distribution: arguments}; see stages/training/train_settings.py",
     )
 
     @field_validator("search_space", mode="before")
@@ -273,7 +273,7 @@ def base_trial_problem(settings: TrainSettings, base: Hyperparameters) -> str | 
 
     Optuna and HyperOpt take the base trial as their first point, and their models have no place for a value of a
     `choice` entry outside its choices. Values outside a uniform, loguniform or randint range are fine for them, and
-    BOHB (stages.search_algorithms) and the random searcher run any point.
+    BOHB (stages.training.search_algorithms) and the random searcher run any point.
 
     Returns:
       One line starting with the setting to change ("include_base_trial: ..."), or None.

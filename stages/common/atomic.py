@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from stages.errors import StorageError
+from stages.common.errors import StorageError
 
 
 @contextmanager

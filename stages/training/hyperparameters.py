@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from stages.idx import NUM_CLASSES
+from stages.dataset.idx import NUM_CLASSES
 
 
 def _plus_zero(value: float) -> float:
@@ -72,8 +72,8 @@ AUGMENT_FIELDS = ("augment_shift", "augment_rotation", "augment_zoom")  # each a
 
 
 def parameter_count(hp: Hyperparameters) -> int:
-    """Weights of the CNN `stages.model` builds from `hp` ('same' padding: 28x28, then 14x14, then 7x7 after pools),
-    as `model.count_params()` counts them.
+    """Weights of the CNN `stages.training.model` builds from `hp` ('same' padding: 28x28, then 14x14, then 7x7
+    after pools), as `model.count_params()` counts them.
 
     With batch_norm, the layers it follows lose their biases and each batch normalization holds four weights per
     channel or unit (scale, offset, moving mean, moving variance). Augmentation layers hold none.

@@ -24,7 +24,7 @@ def code_hash(*module_names: str) -> str:
 
 
 def _source_of(name: str) -> bytes:
-    """The module's source, found without importing it (importing stages.model would load TensorFlow)."""
+    """The module's source, found without importing it (importing stages.training.model would load TensorFlow)."""
     spec = importlib.util.find_spec(name)
     try:
         return Path(spec.origin).read_bytes()

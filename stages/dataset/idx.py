@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import DataError
+from stages.common.errors import DataError
 
 UNSIGNED_BYTE = 0x08
 IMAGE_SHAPE = (28, 28)

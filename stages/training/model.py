@@ -16,8 +16,8 @@ import math
 import keras
 from keras import layers, ops
 
-from stages.hyperparameters import Hyperparameters
-from stages.idx import IMAGE_SHAPE, NUM_CLASSES
+from stages.dataset.idx import IMAGE_SHAPE, NUM_CLASSES
+from stages.training.hyperparameters import Hyperparameters
 
 PACKAGE = "mnist_pipeline"  # the prefix of our registered Keras objects' names in saved models
 ONE_CYCLE_DIV_FACTOR = 25.0  # one_cycle starts at learning_rate / 25 (PyTorch's OneCycleLR default)

@@ -12,8 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from stages import idx, preprocess
-from stages.code_hash import code_hash
+from stages import preprocess
+from stages.common.code_hash import code_hash
+from stages.dataset import idx
 from stages.download import RawData
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import TrainingError
-from stages.hyperparameters import Hyperparameters
+from stages.common.errors import TrainingError
 from stages.preprocess import LabeledImages
+from stages.training.hyperparameters import Hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ def run_trial(
     configure_tensorflow(cpus, mixed_precision=mixed_precision)
     import keras
 
-    from stages.model import build_model  # also registers the model's own Keras objects, which checkpoints name
+    from stages.training.model import (
+        build_model,  # also registers the model's own Keras objects, which checkpoints name
+    )
 
     keras.backend.clear_session()  # a reused process (train.reuse_actors): the last trial's model and state go
     context = tune.get_context()

@@ -5,33 +5,23 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
-from stages import storage
-from stages.atomic import atomic_path
+from stages.common import storage
+from stages.common.atomic import atomic_path
+from stages.common.redact import redact
+from stages.dataset.idx import IMAGE_SHAPE
 from stages.evaluate import EXPORTED_ENSEMBLE, load_checkpoint_model, score
-from stages.idx import IMAGE_SHAPE
+from stages.evaluation.metrics import EnsembleMetrics
 from stages.preprocess import LabeledImages
-from stages.redact import redact
-from stages.tune_results import RankedCheckpoint
+from stages.training.tune_results import RankedCheckpoint
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class EnsembleEvaluation:
-    k: int  # members averaged
-    trial_ids: list[str]  # the members, best validation accuracy first
-    test_accuracy: float
-    test_loss: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def top_k_ensemble(
     ranked: list[RankedCheckpoint], k: int | None, test: LabeledImages, *, batch_size: int, model_dir: str
-) -> dict | None:
+) -> EnsembleMetrics | None:
     """evaluate.ensemble_top_k: the ensemble of the k best trials, measured on the test set and exported to
     `model_dir`/ensemble.keras.
 
@@ -44,7 +34,7 @@ def top_k_ensemble(
       model_dir: the run's model folder (path or URI).
 
     Returns:
-      metrics.json's "ensemble" entry (k, trial_ids, test_accuracy, test_loss, model), or None without one.
+      The ensemble's metrics (where it was exported included), or None without one.
     """
     members = choose_members(ranked, k) if k else []
     if not members:
@@ -53,7 +43,7 @@ def top_k_ensemble(
     model, evaluation = evaluate_ensemble(members, test, batch_size=batch_size)
     exported = export_ensemble(model, model_dir)
     log.info("evaluate: the ensemble of %d trials: test accuracy %.4f", evaluation.k, evaluation.test_accuracy)
-    return {**evaluation.as_dict(), "model": redact(exported)}
+    return replace(evaluation, model=redact(exported))
 
 
 def choose_members(ranked: list[RankedCheckpoint], k: int) -> list[RankedCheckpoint]:
@@ -92,7 +82,7 @@ def evaluate_ensemble(members: list[RankedCheckpoint], test: LabeledImages, *, b
     """Loads each member's checkpointed model, builds the ensemble and measures it on the test set, once.
 
     Returns:
-      (the ensemble keras.Model, its EnsembleEvaluation).
+      (the ensemble keras.Model, its EnsembleMetrics).
     """
     models = []
     for member in members:
@@ -101,7 +91,7 @@ def evaluate_ensemble(members: list[RankedCheckpoint], test: LabeledImages, *, b
     names = [f"member{rank}_{re.sub(r'[^A-Za-z0-9_]', '_', m.trial_id)}" for rank, m in enumerate(members, start=1)]
     ensemble = build_ensemble(models, names)
     scored = score(ensemble.predict(test.images, batch_size=batch_size, verbose=0), test.labels)
-    evaluation = EnsembleEvaluation(
+    evaluation = EnsembleMetrics(
         k=len(members),
         trial_ids=[member.trial_id for member in members],
         test_accuracy=scored.test_accuracy,

@@ -18,7 +18,7 @@ import time
 
 from ray.tune import Callback
 
-from stages.tune_results import METRIC
+from stages.training.tune_results import METRIC
 
 PREFIX = "[search] "
 EPOCH_LINE = re.compile(

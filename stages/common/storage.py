@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from stages.atomic import atomic_file
-from stages.errors import StorageError
-from stages.redact import redact
+from stages.common.atomic import atomic_file
+from stages.common.errors import StorageError
+from stages.common.redact import redact
 
 
 def is_uri(location: str) -> bool:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from stages.trial import CHECKPOINT_MODEL
-from stages.tune_results import RankedCheckpoint
+from stages.training.trial import CHECKPOINT_MODEL
+from stages.training.tune_results import RankedCheckpoint
 
 log = logging.getLogger(__name__)
 
