@@ -1,4 +1,14 @@
-"""The four stages (download, preprocess, train, evaluate) as plain functions with typed inputs and outputs.
+"""The four stages, one module each, as plain functions with typed inputs and outputs:
+
+    download.py     MNIST from mirrors, verified              stages.download.download
+    preprocess.py   IDX parsed, validated, split              stages.preprocess.preprocess
+    train.py        the Ray Tune search over the CNN          stages.train.train
+    evaluate.py     the best checkpoint on the test set       stages.evaluate.evaluate
+
+Their parts are in the subpackages: dataset/ (the IDX format, one bounded attempt at one mirror, the per-node cache),
+training/ (the model, one trial, the search's settings and algorithms, Tune's results), evaluation/ (the run's
+metrics, the top-k ensemble, the report), and common/ (errors, atomic writes, local and object-store paths,
+redaction), which the pipeline uses too.
 
 Nothing here starts Ray or reads the config file; `pipeline/` does, and hands each stage its own settings.
 """
@@ -22,12 +32,12 @@ _MOVED = {
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports `stages.<old name>` as the module it moved to (the same module object, under both names)."""
 
+    def __init__(self) -> None:
+        self._specs = {}  # old name -> the moved module's own spec, which the import system overwrites
+
     def find_spec(self, name, path=None, target=None):
         package, _, module = name.rpartition(".")
         return importlib.util.spec_from_loader(name, self) if package == __name__ and module in _MOVED else None
-
-    def __init__(self) -> None:
-        self._specs = {}  # old name -> the moved module's own spec, which the import system overwrites
 
     def create_module(self, spec):
         name = spec.name.rpartition(".")[2]
