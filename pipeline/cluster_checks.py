@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 def check_cluster(config: Config) -> None:
     """Refuses what this cluster can never do, before any stage runs: the one place where the resources a trial or
-    stage asks for are checked (for the run's own local Ray too, which has the resources of `ray.*`).
+    stage asks for are checked (for the run's own local Ray too, which has the resources of `ray.*`); how many CPUs
+    the evaluate task takes is sized later, by the runner, among the nodes that fit it.
 
     A trial or stage task needs all its resources on one node: asking for more than any node has, or could have
     once the autoscaler adds the node types it knows, would leave it pending forever. A run folder on a disk that

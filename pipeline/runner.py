@@ -1,7 +1,8 @@
 """Runs the four stages in order on Ray, times them, records them for resuming, and writes the run's summary.
 
 run_pipeline reads top to bottom: each stage is either taken from a resumed run's finished work (when that is whole)
-or run as its Ray task (pipeline.tasks). _Stages holds what the stages share: the run, its records, their times.
+or run as its Ray task (pipeline.tasks). _StageRunner holds what the stages share: the run, its records, their
+times.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -42,6 +43,9 @@ from stages.common.redact import redact
 from stages.evaluation.metrics import RunMetrics
 from stages.train import EXPERIMENT_NAME
 
+if TYPE_CHECKING:
+    from stages.training.tune_results import TuneOutcome
+
 log = logging.getLogger(__name__)
 
 
@@ -60,25 +64,25 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracki
       BadInputError: resuming would discard training done with other inputs, or a damaged experiment on an object
         store is in the way.
     """
-    stages = _Stages(config, run, resume, tracking)
+    runner = _StageRunner(config, run, resume, tracking)
     if resume:
         adopt_run_folder(run)
-    metrics = stages.earlier_evaluation()
+    metrics = runner.earlier_evaluation()
     if metrics is None:
-        splits = stages.earlier_splits()
+        splits = runner.earlier_splits()
         if splits is None:
-            splits = stages.preprocess(stages.download())
-        outcome = stages.earlier_training()
+            splits = runner.preprocess(runner.download())
+        outcome = runner.earlier_training()
         if outcome is None:
-            outcome = stages.train(splits)
-        metrics = stages.evaluate(outcome, splits)
-    summary = RunSummary(run.run_id, run.location, metrics, {name: stages.seconds[name] for name in STAGES},
-                         stages.skipped)
+            outcome = runner.train(splits)
+        metrics = runner.evaluate(outcome, splits)
+    summary = RunSummary(run.run_id, run.location, metrics, {name: runner.seconds[name] for name in STAGES},
+                         runner.skipped)
     storage.write_json(run.summary_file, summary_record(summary))
     return summary
 
 
-class _Stages:
+class _StageRunner:
     """The stages of one run as Ray tasks, with what they share: the run folder, the records of finished stages (and,
     resuming, which of them can be skipped), each stage's time, the log level the tasks use."""
 
@@ -95,7 +99,7 @@ class _Stages:
 
     def earlier_evaluation(self) -> RunMetrics | None:
         """A resumed run's metrics when train and evaluate finished and metrics.json and the model are whole: then
-        every stage is skipped."""
+        every stage is skipped. None otherwise, said when they are damaged (evaluate runs again)."""
         if self._finished("train") is None or self._finished("evaluate") is None:
             return None
         try:
@@ -144,7 +148,7 @@ class _Stages:
             outputs.update(dataset_fingerprint=manifest["fingerprint"], node=manifest["node"])
         return SplitRefs(train=refs[0], validation=refs[1], test=refs[2])
 
-    def earlier_training(self):
+    def earlier_training(self) -> TuneOutcome | None:
         """A resumed run's finished train stage, read back from its experiment; None when train never finished, or
         its experiment is missing or damaged (then set aside: train runs again)."""
         if self._finished("train") is None:
@@ -159,7 +163,7 @@ class _Stages:
         self._skip("train")
         return outcome
 
-    def train(self, splits: SplitRefs):
+    def train(self, splits: SplitRefs) -> TuneOutcome:
         if self.resume:
             problem = experiment_problem(self.run)
             if problem is not None:  # Tune's restore would fail on it (what this misses fails in one line too: _get)
@@ -177,7 +181,7 @@ class _Stages:
             outputs["best_trial_id"] = outcome.best_trial_id
         return outcome
 
-    def evaluate(self, outcome, splits: SplitRefs) -> RunMetrics:
+    def evaluate(self, outcome: TuneOutcome, splits: SplitRefs) -> RunMetrics:
         with self._timed("evaluate") as outputs:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
             cpus = _evaluate_cpus({"GPU": gpus, **self.config.ray.stage_resources.get("evaluate", {})})

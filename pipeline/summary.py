@@ -15,6 +15,9 @@ STAGES = ("download", "preprocess", "train", "evaluate")
 
 @dataclass
 class RunSummary:
+    """A finished run: its metrics and each stage's time (pipeline.runner builds it; summary.json and the console's
+    closing lines come from it)."""
+
     run_id: str
     folder: str
     metrics: RunMetrics
@@ -42,16 +45,16 @@ def summary_record(summary: RunSummary) -> dict[str, Any]:
 
 def check_quality_gate(min_test_accuracy: float | None, summary: RunSummary) -> None:
     """Raises QualityGateError when the test accuracy is below `evaluate.min_test_accuracy`."""
-    gate = min_test_accuracy
     accuracy = summary.metrics.test_accuracy
-    if gate is not None and accuracy < gate:
+    if min_test_accuracy is not None and accuracy < min_test_accuracy:
         raise QualityGateError(
-            f"test accuracy {accuracy:.4f} is below evaluate.min_test_accuracy={gate} "
+            f"test accuracy {accuracy:.4f} is below evaluate.min_test_accuracy={min_test_accuracy} "
             f"(artifacts kept in {redact(summary.folder)})"
         )
 
 
 def format_summary(summary: RunSummary) -> str:
+    """The lines the console ends a run with: best trial, top trials, hyperparameters, accuracies, times, where."""
     metrics = summary.metrics
     hyperparameters = ", ".join(f"{k}={_short(v)}" for k, v in metrics.hyperparameters.items())
     failed = [f"{trial_id} ({_clip(error)})" for trial_id, error in metrics.failed_trials.items()]

@@ -25,7 +25,7 @@ _MOVED = {
     **dict.fromkeys(("idx", "mirror_attempt", "dataset_cache"), "dataset"),
     **dict.fromkeys(("hyperparameters", "model", "trial", "train_settings", "search_algorithms", "bohb_search",
                      "finished_checkpoints", "tune_results", "progress", "preload", "trial_logs"), "training"),
-    **dict.fromkeys(("metrics", "ensemble", "report"), "evaluation"),
+    **dict.fromkeys(("ensemble", "report"), "evaluation"),
 }
 
 

@@ -151,7 +151,7 @@ def train(
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             sync_config=tune.SyncConfig(sync_period=snapshot_seconds),
             callbacks=[
-                JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (trial_logs.py)
+                JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (stages.training.trial_logs)
                 SearchProgress(settings.trial_count, settings.epochs),  # the console's lines (stages.training.progress)
                 PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
                 *callbacks,

@@ -1,4 +1,5 @@
-"""The command line as a user runs it: bad input gives one line, exit code 2, no traceback, no Ray, no run folder."""
+"""The command line as a user runs it: bad input gives one line, exit code 2, no traceback, no stage run, no run
+folder left."""
 
 import os
 import re
@@ -41,7 +42,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("mnist-pipeline: error: ") and message in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    assert "stage download" not in result.stderr + result.stdout  # refused before Ray started
+    assert "stage download" not in result.stderr + result.stdout  # refused before any stage ran
     assert "(download_task" not in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from stages.common import storage
 from stages.evaluation.metrics import ClassMetrics, EnsembleMetrics, RunMetrics, TrialSummary
-from stages.training.tune_results import searched_hyperparameters as varied_hyperparameters
+from stages.training.tune_results import searched_hyperparameters
 
 FIGURES = ("curves", "parallel", "hyperparameters", "confusion", "mistakes", "per_class")
 MAX_MISTAKES_SHOWN = 40
@@ -102,14 +102,14 @@ def _curves(inputs: ReportInputs) -> bytes:
     return _png(figure, plt)
 
 
-def searched_hyperparameters(trials: list[TrialSummary]) -> list[str]:
+def _searched(trials: list[TrialSummary]) -> list[str]:
     """The hyperparameters that differ between trials (the ones the search explored)."""
-    return varied_hyperparameters([t.hyperparameters for t in trials])
+    return searched_hyperparameters([t.hyperparameters for t in trials])
 
 
 def _hyperparameters(inputs: ReportInputs) -> bytes:
     trials = [t for t in inputs.metrics.trials if t.best_val_accuracy is not None]
-    names = searched_hyperparameters(trials) or list(inputs.metrics.hyperparameters)[:1]
+    names = _searched(trials) or list(inputs.metrics.hyperparameters)[:1]
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
     figure, plt = _figure(4 * columns, 3.2 * rows)
@@ -176,7 +176,7 @@ def _parallel_coordinates(inputs: ReportInputs) -> bytes:
     W&B, Optuna's dashboard and Katib open with."""
     trials = sorted((t for t in inputs.metrics.trials if t.best_val_accuracy is not None),
                     key=lambda t: t.best_val_accuracy)  # the best drawn last, on top
-    names = searched_hyperparameters(trials) or list(inputs.metrics.hyperparameters)[:1]
+    names = _searched(trials) or list(inputs.metrics.hyperparameters)[:1]
     axes_data = parallel_axes(trials, names)
     figure, plt = _figure(max(6.0, 1.9 * len(axes_data)), 4.2)
     axes = figure.add_subplot()
@@ -294,7 +294,7 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
     trials = metrics.trials
     ranked = sorted((t for t in trials if t.best_val_accuracy is not None), key=lambda t: -t.best_val_accuracy)
     runner_up = ranked[1].best_val_accuracy if len(ranked) > 1 else None
-    searched = searched_hyperparameters(trials)
+    searched = _searched(trials)
     worst = sorted(metrics.per_class, key=lambda c: c.f1)[:2]
     confusion = np.array(metrics.confusion_matrix)
     np.fill_diagonal(confusion, 0)
