@@ -195,7 +195,8 @@ def test_killed_during_preprocess(tmp_path, mnist_mirror):
     folder, cache = tmp_path / "runs" / "pre", tmp_path / "cache"
     command = pipeline_command(
         tmp_path, "pre", "data.max_train_images=null", "data.validation_size=5000", "train.num_samples=1",
-        "train.epochs=1", mirror=mnist_mirror,
+        "train.epochs=1", "model.conv1_filters=8", "model.conv2_filters=16", "model.dense_units=64",  # 55,000 images
+        mirror=mnist_mirror,
     )
     run_and_kill(command, tmp_path, lambda: underway(folder, "preprocess"))
     assert stage_records(folder)["download"]["finished"] and underway(folder, "preprocess")
