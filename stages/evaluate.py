@@ -73,10 +73,13 @@ def evaluate(checkpoint: Path, test: LabeledImages, *, batch_size: int = 1000):
 
 def load_checkpoint_model(checkpoint: Path):
     """The model in a trial checkpoint folder, for predicting: uncompiled, as predicting needs neither the optimizer
-    (whose learning-rate schedule may be a custom object of stages.training.model) nor the loss."""
+    (whose learning-rate schedule may be a custom object of stages.training.model) nor the loss; in float32 whatever
+    precision it trained in (stages.training.precision.in_float32)."""
     import keras
 
-    return keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False)
+    from stages.training.precision import in_float32
+
+    return in_float32(keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False))
 
 
 def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:

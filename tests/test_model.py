@@ -291,18 +291,67 @@ def test_new_hyperparameters_are_bounded(settings):
         Hyperparameters(**settings)
 
 
-def test_mixed_precision_computes_in_float16_with_float32_weights_and_output():
+@pytest.mark.parametrize("mixed_precision, compute", [("float16", "float16"), ("bfloat16", "bfloat16")])
+def test_mixed_precision_computes_in_16_bits_with_float32_weights_and_output(mixed_precision, compute):
     import keras
 
-    from stages.training.trial import configure_tensorflow
+    from stages.training.precision import in_float32, use_dtype_policy
 
     try:
-        configure_tensorflow(1, mixed_precision=True)
+        assert use_dtype_policy(mixed_precision) == f"mixed_{compute}"
         model = build_model(Hyperparameters(**TINY, batch_norm=True, label_smoothing=0.1, **AUGMENT))
         conv = next(layer for layer in model.layers if layer.__class__.__name__ == "Conv2D")
-        assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
+        assert conv.compute_dtype == compute and conv.variable_dtype == "float32"
         assert model.output.dtype == "float32"
-        history = model.fit(np.zeros((8, 28, 28), np.uint8), np.arange(8, dtype=np.uint8), epochs=1, verbose=0)
+        images = np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8)
+        history = model.fit(images, np.arange(8, dtype=np.uint8), epochs=1, verbose=0)
         assert np.isfinite(history.history["loss"][0])
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    # the float32 copy (evaluate, export): the same weights, the same predictions to 16-bit rounding
+    copy = in_float32(model)
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    assert copy.input.dtype == "uint8" and [w.dtype for w in copy.weights] == [w.dtype for w in model.weights]
+    np.testing.assert_array_equal(copy.get_weights()[0], model.get_weights()[0])
+    np.testing.assert_allclose(copy.predict(images, verbose=0), model.predict(images, verbose=0), atol=0.05)
+    plain = build_model(Hyperparameters(**TINY))
+    assert in_float32(plain) is plain
+
+
+AMD_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: none\n"
+INTEL_SPR = "flags\t\t: fpu avx2 avx512f amx_tile amx_bf16 amx_int8\n"
+SKYLAKE = "flags\t\t: fpu avx2 avx512f avx512bw\nbugs\t\t: spectre_v1 avx512_bf16_is_not_a_flag_here\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, isa_cap, native",
+    [
+        (AMD_ZEN4, "", True), (INTEL_SPR, "", True), (SKYLAKE, "", False), ("", "", False),
+        # ONEDNN_MAX_CPU_ISA below bfloat16 makes oneDNN emulate it
+        (AMD_ZEN4, "AVX512_CORE", False), (INTEL_SPR, "avx2", False), (AMD_ZEN4, "AVX512_CORE_BF16", True),
+        (INTEL_SPR, "ALL", True),
+    ],
+)
+def test_native_bfloat16_is_read_from_the_cpu_flags_and_onednns_cap(cpuinfo, isa_cap, native):
+    from stages.training.precision import cpu_computes_bfloat16
+
+    assert cpu_computes_bfloat16(cpuinfo, isa_cap) is native
+
+
+@pytest.mark.parametrize(
+    "mixed_precision, gpus, native_cpu, policy",
+    [
+        (False, [], True, "float32"), (False, [(9, 0)], True, "float32"),
+        (True, [], True, "mixed_bfloat16"), (True, [], False, "float32"),
+        (True, [(9, 0), (8, 0)], False, "mixed_float16"), (True, [(9, 0), (6, 1)], True, "float32"),
+        ("float16", [], False, "mixed_float16"), ("bfloat16", [], False, "mixed_bfloat16"),
+        ("bfloat16", [(9, 0)], False, "mixed_bfloat16"),
+    ],
+)
+def test_true_asks_for_16_bits_where_the_hardware_computes_them(monkeypatch, mixed_precision, gpus, native_cpu,
+                                                                    policy):
+    from stages.training import precision
+
+    # the CPU's answer (read from its flags, tested above) stands in for another machine's
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: native_cpu)
+    assert precision.dtype_policy(mixed_precision, gpu_compute_capabilities=gpus) == policy

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import zipfile
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -88,11 +89,13 @@ class Recorder(tune.Callback):
 
 
 def run_experiment(
-    folder, splits, *, param_space, num_samples, scheduler=None, kill=False, max_failures=0, stop=None
+    folder, splits, *, param_space, num_samples, scheduler=None, kill=False, max_failures=0, stop=None,
+    mixed_precision=False,
 ) -> dict[int, TrialRun]:
     """A Tune experiment of the real trial (run seed 0); returns each trial's run by its index."""
     trainable = tune.with_parameters(
-        run_trial, train_data=splits.train, validation_data=splits.validation, epochs=EPOCHS, cpus=1, seed=0
+        run_trial, train_data=splits.train, validation_data=splits.validation, epochs=EPOCHS, cpus=1, seed=0,
+        mixed_precision=mixed_precision,
     )
     recorder = Recorder(kill_after_first_checkpoint=kill)
     tuner = tune.Tuner(
@@ -152,6 +155,36 @@ def test_a_trial_restored_from_its_checkpoint_goes_on_as_if_never_stopped(straig
     assert exact(rows[1]) == exact(straight[0].rows[1])
     state = json.loads(open(os.path.join(folder, latest_checkpoint(folder), CHECKPOINT_STATE)).read())
     assert state["epoch"] == 2 and state["iterations"] == 2 * STEPS
+
+
+@pytest.mark.parametrize("mixed_precision", [False, "bfloat16", "float16", True])
+def test_the_trial_trains_and_checkpoints_in_the_precision_asked_for(ray_local, splits, tmp_path, mixed_precision):
+    """Reused trial processes clear Keras's session, which resets the dtype policy: the policy must be set after."""
+    from stages.evaluate import load_checkpoint_model
+    from stages.training.precision import dtype_policy
+
+    expected = dtype_policy(mixed_precision, gpu_compute_capabilities=[])  # true: what this machine's CPU allows
+    trials = run_experiment(tmp_path, splits, param_space=TINY, num_samples=1, mixed_precision=mixed_precision)
+    rows, folder = trials[0].rows, trials[0].folder
+    assert [row["dtype_policy"] for row in rows] == [expected] * EPOCHS
+    assert all(math.isfinite(row["train_loss"]) for row in rows)
+    with zipfile.ZipFile(os.path.join(folder, latest_checkpoint(folder), CHECKPOINT_MODEL)) as archive:
+        layers = json.loads(archive.read("config.json"))["config"]["layers"]
+    conv = next(layer["config"] for layer in layers if layer["class_name"] == "Conv2D")
+    policy = conv["dtype"]["config"]["name"] if isinstance(conv["dtype"], dict) else conv["dtype"]
+    assert policy == expected
+    # evaluate and the export compute in float32 whatever the training's precision
+    model = load_checkpoint_model(Path(folder) / latest_checkpoint(folder))
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert model.predict(splits.validation.images[:100], verbose=0).argmax(1).tolist() != [0] * 100
+
+
+def test_a_bfloat16_trial_repeats_bit_for_bit(ray_local, splits, tmp_path):
+    first, second = (
+        run_experiment(tmp_path / name, splits, param_space=SCHEDULED, num_samples=1, mixed_precision="bfloat16")
+        for name in ("first", "second")
+    )
+    assert [exact(row) for row in first[0].rows] == [exact(row) for row in second[0].rows]
 
 
 def latest_checkpoint(folder):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stages.common.redact import redact
 from stages.training.hyperparameters import Hyperparameters, Real
+from stages.training.precision import MIXED_PRECISION_CHOICES, MixedPrecision
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 MAX_VALUES = 1000  # of a choice or grid: more is a typo or generated, and a grid multiplies the trials
@@ -115,7 +116,12 @@ class TrainSettings(BaseModel):
     )
     cpus_per_trial: Real = Field(1.0, gt=0, le=1024, description="CPUs reserved by each trial; TF uses that many")
     gpus_per_trial: Real = Field(0.0, ge=0, le=64, description="GPUs per trial; fractions share a GPU")
-    mixed_precision: bool = Field(False, description="train in float16 with float32 master weights (GPUs only)")
+    mixed_precision: MixedPrecision = Field(
+        False,
+        description="16-bit compute with float32 weights. true: where the trial's hardware computes 16 bits natively "
+        "(float16 on GPUs with tensor cores, bfloat16 on CPUs with AVX512-BF16 or AMX), float32 elsewhere; "
+        "float16, bfloat16: that type wherever the trial runs; false: float32",
+    )
     searcher: Literal["random", "optuna", "hyperopt", "bohb"] = Field(
         "random",
         description="random: Tune's random sampling, grid entries expanded; optuna, hyperopt: TPE, each trial "
@@ -171,6 +177,14 @@ class TrainSettings(BaseModel):
         },
         description="hyperparameter: {distribution: arguments}; see stages/training/train_settings.py",
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _one_of_the_precisions(cls, value: Any) -> Any:
+        """One line naming the choices, instead of one error per member of the union."""
+        if value not in MIXED_PRECISION_CHOICES or type(value) not in (bool, str):
+            raise ValueError(f"use true, false, float16 or bfloat16, got {clip(value)}")
+        return value
 
     @field_validator("search_space", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ import numpy as np
 from stages.common.errors import TrainingError
 from stages.preprocess import LabeledImages
 from stages.training.hyperparameters import Hyperparameters
+from stages.training.precision import MixedPrecision, use_dtype_policy
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MAX_MODEL_COPIES, MAX_MODEL_OVERHEAD_BYTES, MAX_MODEL_FILES = 6, 16 * 2**20, 16
 ORDER_STREAM, LAYER_SEED_STREAM = 0, 1  # what each draw from (trial seed, epoch) is for
 
 
-def configure_tensorflow(cpus: float, *, mixed_precision: bool = False) -> None:
+def configure_tensorflow(cpus: float) -> None:
     """Limits TensorFlow to the CPUs Ray gave this process and lets it share GPUs; must run before any TF op.
 
     Ray sets OMP_NUM_THREADS, which TensorFlow ignores: without this, every trial on a machine grabs every core
@@ -53,10 +54,6 @@ def configure_tensorflow(cpus: float, *, mixed_precision: bool = False) -> None:
     except RuntimeError:
         # TensorFlow already ran in this process (a reused Ray worker): it keeps the settings it started with
         log.info("TensorFlow was initialised before; its thread and GPU settings stay as they were")
-    if mixed_precision:
-        import keras
-
-        keras.mixed_precision.set_global_policy("mixed_float16")
 
 
 def trial_key(trial_id: str, trial_dir: str = "") -> int | str:
@@ -148,12 +145,13 @@ def run_trial(
     epochs: int,
     cpus: float,
     seed: int,
-    mixed_precision: bool = False,
+    mixed_precision: MixedPrecision = False,
 ) -> None:
     """Tune function trainable. `config` holds one sample of the hyperparameters.
 
     Reports after every epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, images_per_second,
-    node_id and trial_seed; and a checkpoint holding the model with its optimizer state, so a retried or restored
+    node_id, trial_seed and dtype_policy (what `mixed_precision` came to on the trial's node:
+    stages.training.precision); and a checkpoint holding the model with its optimizer state, so a retried or restored
     trial continues where it stopped.
 
     The trial's seed is `trial_seed(seed, trial_key(...))`: it sets the initial weights and the random layers' seeds
@@ -169,14 +167,14 @@ def run_trial(
     1 and 2 threads), so `tf.config.experimental.enable_op_determinism` is not needed. Not promised: equality across
     thread counts (`cpus`), across CPUs with other vector instructions (oneDNN picks its kernels by CPU), across
     TensorFlow, Keras or NumPy versions, and on GPUs (cuDNN's convolution gradients are not deterministic without op
-    determinism, and mixed precision changes the numbers again).
+    determinism). Mixed precision changes the numbers, but bfloat16 on a CPU repeats bit for bit like float32.
     """
     entered = time.perf_counter()
     import ray
     from ray import tune
 
     node_id = ray.get_runtime_context().get_node_id()
-    configure_tensorflow(cpus, mixed_precision=mixed_precision)
+    configure_tensorflow(cpus)
     import keras
 
     from stages.training.model import (
@@ -184,6 +182,7 @@ def run_trial(
     )
 
     keras.backend.clear_session()  # a reused process (train.reuse_actors): the last trial's model and state go
+    policy = use_dtype_policy(mixed_precision)  # after clear_session, which resets the policy to float32
     context = tune.get_context()
     seed_of_trial = trial_seed(seed, trial_key(context.get_trial_id(), context.get_trial_dir()))
     hp = Hyperparameters.model_validate({key: to_python(value) for key, value in config.items()})
@@ -219,6 +218,7 @@ def run_trial(
             "images_per_second": len(train_data) / train_seconds,
             "node_id": node_id,  # which Ray node trained this epoch (a retried trial may move)
             "trial_seed": seed_of_trial,
+            "dtype_policy": policy,  # what train.mixed_precision came to on this node
             # where the trial's time goes (benchmarks/ adds them up): the first epoch a process trains carries the
             # process's start-up; checkpoint_seconds is the save of the epoch before (this one's is not over yet)
             "startup_seconds": startup_seconds if epoch == first_epoch else 0.0,

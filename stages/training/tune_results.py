@@ -19,7 +19,9 @@ from stages.training.trial import to_python
 METRIC, MODE = "val_accuracy", "max"
 TOP_TRIALS = 5  # trials in the summary's and the report's ranking
 # what run_trial reports each epoch, in the order trials.csv shows it; other numbers a trial reports follow them
-EPOCH_METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "images_per_second", "node_id")
+EPOCH_METRICS = (
+    "val_accuracy", "val_loss", "train_accuracy", "train_loss", "images_per_second", "node_id", "dtype_policy"
+)
 # what Tune adds to every result (times, ids, host, its own bookkeeping): not the trial's metrics
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "epoch"}
 
