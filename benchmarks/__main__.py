@@ -183,7 +183,8 @@ def table(results: dict) -> str:
     if run := results.get("pipeline"):
         wall = run["wall_seconds"]
         lines += ["", f"pipeline run {run['run_id']}: {wall:.1f} s wall, test accuracy {run['test_accuracy']:.4f}, "
-                      f"{run['epochs_trained']} epochs in {run['trial_slots']} trial slots"]
+                      f"{run['epochs_trained']} epochs in {run['trial_slots']} trial slots, "
+                      f"computing in {' and '.join(run['dtype_policies']) or 'float32'}"]
         parts = run["parts_seconds"].items()
         lines += [f"  {name:<40}{seconds:>8.1f} s {seconds / wall:>6.1%}" for name, seconds in parts]
         disk = {name: value / 1e6 for name, value in run["disk"].items()}  # MB

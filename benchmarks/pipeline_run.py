@@ -69,6 +69,8 @@ def breakdown(folder: Path, *, wall: float, cpus: int) -> dict:
         },
         "trial_slots": train["slots"],
         "epochs_trained": train["epochs"],
+        # what train.mixed_precision came to in the trials (stages.training.precision)
+        "dtype_policies": sorted({row["dtype_policy"] for row in rows if row.get("dtype_policy")}),
         "disk": disk(folder, rows),
     }
 

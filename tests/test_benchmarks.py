@@ -4,6 +4,7 @@ What it measures (speed) is not tested here: the machine is shared and noisy. It
 workers, real Tune trials, a real `mnist-pipeline run` and its breakdown, ASHA and FIFO, the disk figures.
 """
 
+import csv
 import json
 import math
 import subprocess
@@ -71,6 +72,10 @@ def test_pipeline_breakdown_adds_up_to_the_wall_time(results):
     written = run["disk"]["written_checkpoint_bytes"]
     assert run["disk"]["checkpoint_bytes_written"] == pytest.approx(4 * written, rel=0.01)
     assert f"pipeline run {folder.name}" in stdout
+    with (folder / "trials.csv").open() as trials:
+        policies = {row["dtype_policy"] for row in csv.DictReader(trials)}
+    assert run["dtype_policies"] == sorted(policies) and len(policies) == 1  # trials on one machine
+    assert f"computing in {run['dtype_policies'][0]}" in stdout
 
 
 def test_schedulers_run_on_the_same_search_and_targets_are_judged(results):
