@@ -284,6 +284,36 @@ def test_the_same_optimizer_keeps_its_moments_under_a_new_learning_rate(tmp_path
     assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize(
+    "saved_policy, policy",
+    [("mixed_float16", "mixed_float16"), ("mixed_float16", "float32"), ("float32", "mixed_float16"),
+     ("mixed_bfloat16", "mixed_float16"), ("mixed_bfloat16", "float32"), ("float32", "mixed_bfloat16")],
+)
+def test_a_checkpoint_restores_its_optimizer_state_across_precisions(tmp_path, digits, saved_policy, policy):
+    """A retry may land on a node where train.mixed_precision comes to another policy; float16 wraps the optimizer
+    in a LossScaleOptimizer, whose state Keras loads only under a mixed_float16 global policy."""
+    import keras
+
+    from stages.training.model import build_model
+    from stages.training.precision import global_dtype_policy
+
+    def adam_state(optimizer):
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        return [v.numpy() for v in inner.variables if id(v) != id(inner.learning_rate)]
+
+    with global_dtype_policy(saved_policy):
+        saved = trained_checkpoint(tmp_path / "saved", Hyperparameters(**TINY), *digits)
+    with global_dtype_policy(policy):
+        model = build_model(Hyperparameters(**TINY))
+        assert restore_checkpoint(model, tmp_path / "saved", steps_per_epoch=4) == 1
+    assert int(model.optimizer.iterations) == int(saved.optimizer.iterations) == 4  # 256 images, batch 64
+    restored, expected = adam_state(model.optimizer), adam_state(saved.optimizer)
+    assert len(restored) == len(expected) > 2 and any(np.abs(moment).sum() > 0 for moment in expected[1:])
+    for moment, saved_moment in zip(restored, expected):
+        np.testing.assert_array_equal(moment, saved_moment)
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, digits):
     from stages.training.model import build_model
 

@@ -11,6 +11,7 @@ while "float16" and "bfloat16" force a policy wherever the trial runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -87,6 +88,19 @@ def use_dtype_policy(mixed_precision: MixedPrecision) -> str:
     policy = dtype_policy(mixed_precision, gpu_compute_capabilities=gpu_compute_capabilities())
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name: str):
+    """Keras's global dtype policy set to `name` inside the block, and back to what it was after it."""
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def in_float32(model):

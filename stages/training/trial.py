@@ -23,7 +23,7 @@ import numpy as np
 from stages.common.errors import TrainingError
 from stages.preprocess import LabeledImages
 from stages.training.hyperparameters import Hyperparameters
-from stages.training.precision import MixedPrecision, use_dtype_policy
+from stages.training.precision import MixedPrecision, global_dtype_policy, use_dtype_policy
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,9 @@ def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
 
     What carries over: the weights (the architecture must be the same); the optimizer's iteration count, so that a
     learning-rate schedule goes on from where it was; and the optimizer's own state (Adam's moments, momentum) when
-    the optimizer is of the same kind, else that state starts afresh. What does not: the optimizer's learning rate,
-    schedule and weight decay, which are the current config's.
+    the optimizer is of the same kind, else that state starts afresh; all of it also across precisions (a retry on a
+    node where `mixed_precision` comes to another policy), where only float16's loss scale may start afresh. What
+    does not: the optimizer's learning rate, schedule and weight decay, which are the current config's.
 
     A batch_size other than the checkpoint's changes the steps per epoch, and with them the schedule's length (its
     decay_steps are epochs x steps per epoch). The iteration count is then rescaled by new / old steps per epoch, so
@@ -277,7 +278,8 @@ def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
     model_file = folder / CHECKPOINT_MODEL
     limit = MAX_MODEL_COPIES * 4 * model.count_params() + MAX_MODEL_OVERHEAD_BYTES
     _check_archive(model_file, limit)
-    saved = keras.models.load_model(model_file, safe_mode=True)
+    with global_dtype_policy(_loading_policy(model_file)):
+        saved = keras.models.load_model(model_file, safe_mode=True)
 
     shapes, saved_shapes = [tuple(w.shape) for w in model.weights], [tuple(w.shape) for w in saved.weights]
     if shapes != saved_shapes:
@@ -292,6 +294,10 @@ def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
 
     optimizer, saved_optimizer = model.optimizer, saved.optimizer
     optimizer.build(model.trainable_variables)
+    if type(optimizer) is not type(saved_optimizer):
+        # float16 training wraps the optimizer in a LossScaleOptimizer: between float16 and another precision, the
+        # optimizers inside carry over, the loss scale starts afresh
+        optimizer, saved_optimizer = _unwrapped(optimizer), _unwrapped(saved_optimizer)
     slots, saved_slots = _optimizer_slots(optimizer), _optimizer_slots(saved_optimizer)
     if type(optimizer) is type(saved_optimizer) and [tuple(v.shape) for v in slots] == [
         tuple(v.shape) for v in saved_slots
@@ -309,6 +315,29 @@ def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
     saved_steps = int(state.get("steps_per_epoch") or steps_per_epoch)  # checkpoints from before it was recorded
     optimizer.iterations.assign(round(saved_iterations * steps_per_epoch / saved_steps))
     return int(state["epoch"])
+
+
+def _loading_policy(model_file: Path) -> str:
+    """The global dtype policy under which Keras rebuilds the checkpoint's optimizer as it was saved.
+
+    A model saved in mixed_float16 names its plain optimizer (Adam...) in its config but holds the variables of the
+    LossScaleOptimizer that compile wrapped it in, which Keras recreates only under a mixed_float16 global policy;
+    any other model, only outside it. Otherwise the saved optimizer state is silently dropped. (The layers keep the
+    policies they were saved with either way.)
+    """
+    try:
+        with zipfile.ZipFile(model_file) as archive:  # its size was checked before
+            layers = json.loads(archive.read("config.json"))["config"]["layers"]
+        dtypes = [layer["config"].get("dtype") for layer in layers]
+        policies = {dtype["config"]["name"] for dtype in dtypes if isinstance(dtype, dict)}
+    except (KeyError, TypeError, AttributeError, ValueError, zipfile.BadZipFile):
+        return "float32"  # not a model this trial wrote: Keras's own load says what is wrong with it
+    return "mixed_float16" if "mixed_float16" in policies else "float32"
+
+
+def _unwrapped(optimizer):
+    """The optimizer a LossScaleOptimizer (mixed_float16) wraps; any other optimizer itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 def _optimizer_slots(optimizer) -> list:
