@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +13,12 @@ from pydantic import ValidationError
 
 from stages.training.hyperparameters import Hyperparameters, parameter_count, step_bytes
 from stages.training.model import build_model
+from stages.training.precision import cpu_runs_bfloat16
 
+REPO = Path(__file__).resolve().parent.parent
 TINY = {"conv1_filters": 4, "conv2_filters": 4, "dense_units": 8}  # seconds to train, same layers as the classic
 AUGMENT = {"augment_shift": 0.1, "augment_rotation": 10.0, "augment_zoom": 0.1}
+NEEDS_BFLOAT16 = pytest.mark.skipif(not cpu_runs_bfloat16(), reason="this CPU runs no bfloat16 kernels (no AVX-512)")
 CLASSIC_LAYERS = [
     "InputLayer", "Rescaling", "Reshape", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dropout",
     "Dense", "Dropout", "Dense",
@@ -291,7 +296,9 @@ def test_new_hyperparameters_are_bounded(settings):
         Hyperparameters(**settings)
 
 
-@pytest.mark.parametrize("mixed_precision, compute", [("float16", "float16"), ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize(
+    "mixed_precision, compute", [("float16", "float16"), pytest.param("bfloat16", "bfloat16", marks=NEEDS_BFLOAT16)]
+)
 def test_mixed_precision_computes_in_16_bits_with_float32_weights_and_output(mixed_precision, compute):
     import keras
 
@@ -320,7 +327,7 @@ def test_mixed_precision_computes_in_16_bits_with_float32_weights_and_output(mix
 
 AMD_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: none\n"
 INTEL_SPR = "flags\t\t: fpu avx2 avx512f amx_tile amx_bf16 amx_int8\n"
-SKYLAKE = "flags\t\t: fpu avx2 avx512f avx512bw\nbugs\t\t: spectre_v1 avx512_bf16_is_not_a_flag_here\n"
+SKYLAKE = "flags\t\t: fpu avx2 avx512f avx512dq avx512cd avx512bw avx512vl\nbugs\t\t: spectre_v1 avx512_bf16_is_not_a_flag_here\n"
 
 
 @pytest.mark.parametrize(
@@ -333,9 +340,37 @@ SKYLAKE = "flags\t\t: fpu avx2 avx512f avx512bw\nbugs\t\t: spectre_v1 avx512_bf1
     ],
 )
 def test_native_bfloat16_is_read_from_the_cpu_flags_and_onednns_cap(cpuinfo, isa_cap, native):
-    from stages.training.precision import cpu_computes_bfloat16
+    from stages.training.precision import cpu_computes_bfloat16, cpu_runs_bfloat16
 
     assert cpu_computes_bfloat16(cpuinfo, isa_cap) is native
+    # emulated with AVX-512 (Skylake, or a cap at AVX512_CORE), not at all below it
+    assert cpu_runs_bfloat16(cpuinfo, isa_cap) is (bool(cpuinfo) and isa_cap.upper() not in ("AVX2",))
+
+
+@pytest.mark.parametrize(
+    "isa_cap, mixed_precision, outcome",
+    [("AVX2", "bfloat16", "error"), ("AVX2", True, "float32"), ("AVX512_CORE", True, "float32")],
+)
+def test_a_trial_process_under_a_cpu_cap_keeps_float32_or_refuses_bfloat16(isa_cap, mixed_precision, outcome):
+    """What a CPU without bfloat16 (or without AVX-512) does, made real on this one with oneDNN's own cap."""
+    script = (
+        "import sys\n"
+        "from stages.common.errors import TrainingError\n"
+        "from stages.training.precision import use_dtype_policy\n"
+        "try:\n"
+        f"    print(use_dtype_policy({mixed_precision!r}))\n"
+        "except TrainingError as error:\n"
+        "    print('error:', error)\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa_cap, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    finished = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    printed = finished.stdout.strip().splitlines()[-1]
+    if outcome == "error":
+        assert printed.startswith("error: train.mixed_precision: bfloat16 cannot run on this node's CPU")
+    else:
+        assert printed == outcome
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from ray import tune
 
 from stages.common.errors import TrainingError
 from stages.training.hyperparameters import Hyperparameters
+from stages.training.precision import cpu_runs_bfloat16
 from stages.training.trial import (
     CHECKPOINT_MODEL,
     CHECKPOINT_STATE,
@@ -39,6 +40,7 @@ TINY = {"conv1_filters": 4, "conv2_filters": 8, "dense_units": 32, "dropout": 0.
 SCHEDULED = {**TINY, "lr_schedule": "cosine"}
 EXACT = ("val_accuracy", "val_loss", "train_accuracy", "train_loss")  # compared bit for bit
 PBT_LEARNING_RATE, PBT_BATCH = 0.003, 2 * BATCH  # what PBT's exploit gives the trial it restores
+NEEDS_BFLOAT16 = pytest.mark.skipif(not cpu_runs_bfloat16(), reason="this CPU runs no bfloat16 kernels (no AVX-512)")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ def test_a_trial_restored_from_its_checkpoint_goes_on_as_if_never_stopped(straig
     assert state["epoch"] == 2 and state["iterations"] == 2 * STEPS
 
 
-@pytest.mark.parametrize("mixed_precision", [False, "bfloat16", "float16", True])
+@pytest.mark.parametrize("mixed_precision", [False, pytest.param("bfloat16", marks=NEEDS_BFLOAT16), "float16", True])
 def test_the_trial_trains_and_checkpoints_in_the_precision_asked_for(ray_local, splits, tmp_path, mixed_precision):
     """Reused trial processes clear Keras's session, which resets the dtype policy: the policy must be set after."""
     from stages.evaluate import load_checkpoint_model
@@ -179,6 +181,7 @@ def test_the_trial_trains_and_checkpoints_in_the_precision_asked_for(ray_local, 
     assert model.predict(splits.validation.images[:100], verbose=0).argmax(1).tolist() != [0] * 100
 
 
+@NEEDS_BFLOAT16
 def test_a_bfloat16_trial_repeats_bit_for_bit(ray_local, splits, tmp_path):
     first, second = (
         run_experiment(tmp_path / name, splits, param_space=SCHEDULED, num_samples=1, mixed_precision="bfloat16")
@@ -287,7 +290,9 @@ def test_the_same_optimizer_keeps_its_moments_under_a_new_learning_rate(tmp_path
 @pytest.mark.parametrize(
     "saved_policy, policy",
     [("mixed_float16", "mixed_float16"), ("mixed_float16", "float32"), ("float32", "mixed_float16"),
-     ("mixed_bfloat16", "mixed_float16"), ("mixed_bfloat16", "float32"), ("float32", "mixed_bfloat16")],
+     pytest.param("mixed_bfloat16", "mixed_float16", marks=NEEDS_BFLOAT16),
+     pytest.param("mixed_bfloat16", "float32", marks=NEEDS_BFLOAT16),
+     pytest.param("float32", "mixed_bfloat16", marks=NEEDS_BFLOAT16)],
 )
 def test_a_checkpoint_restores_its_optimizer_state_across_precisions(tmp_path, digits, saved_policy, policy):
     """A retry may land on a node where train.mixed_precision comes to another policy; float16 wraps the optimizer

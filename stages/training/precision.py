@@ -17,15 +17,19 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from stages.common.errors import TrainingError
+
 MixedPrecision = bool | Literal["float16", "bfloat16"]
 MIXED_PRECISION_CHOICES = (True, False, "float16", "bfloat16")
 
 CPUINFO = Path("/proc/cpuinfo")
 NATIVE_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # Linux's names for the x86 extensions
-# ONEDNN_MAX_CPU_ISA caps the instructions oneDNN uses; these caps leave out every bfloat16 instruction
-ONEDNN_ISAS_WITHOUT_BFLOAT16 = frozenset(
-    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-)
+# oneDNN emulates bfloat16 with these (slowly); without them its bfloat16 convolutions do not run at all
+AVX512_CORE_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+# ONEDNN_MAX_CPU_ISA caps the instructions oneDNN uses; these caps leave out every bfloat16 instruction, the first
+# five AVX-512 as well
+ONEDNN_ISAS_WITHOUT_AVX512 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"})
+ONEDNN_ISAS_WITHOUT_BFLOAT16 = ONEDNN_ISAS_WITHOUT_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
 MIN_FLOAT16_COMPUTE_CAPABILITY = (7, 0)  # Volta: the first tensor cores
 
 
@@ -54,21 +58,38 @@ def cpu_computes_bfloat16(cpuinfo: str | None = None, onednn_max_isa: str | None
       cpuinfo: the text of /proc/cpuinfo; read from this machine when None (no such file: False).
       onednn_max_isa: the ONEDNN_MAX_CPU_ISA cap; from the environment when None.
     """
+    if _isa_cap(onednn_max_isa) in ONEDNN_ISAS_WITHOUT_BFLOAT16:
+        return False
+    return bool(_cpu_flags(cpuinfo) & NATIVE_BFLOAT16_FLAGS)
+
+
+def cpu_runs_bfloat16(cpuinfo: str | None = None, onednn_max_isa: str | None = None) -> bool:
+    """Whether oneDNN can run this model's bfloat16 kernels here at all (natively, or emulated with AVX-512)."""
+    if _isa_cap(onednn_max_isa) in ONEDNN_ISAS_WITHOUT_AVX512:
+        return False
+    flags = _cpu_flags(cpuinfo)
+    return bool(flags & NATIVE_BFLOAT16_FLAGS) or AVX512_CORE_FLAGS <= flags
+
+
+def _isa_cap(onednn_max_isa: str | None) -> str:
+    if onednn_max_isa is None:
+        onednn_max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    return onednn_max_isa.strip().upper()
+
+
+def _cpu_flags(cpuinfo: str | None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo's text (this machine's when None; none where it cannot be read)."""
     if cpuinfo is None:
         try:
             cpuinfo = CPUINFO.read_text(errors="replace")
         except OSError:
-            return False
-    if onednn_max_isa is None:
-        onednn_max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    if onednn_max_isa.strip().upper() in ONEDNN_ISAS_WITHOUT_BFLOAT16:
-        return False
+            return set()
     flags = set()
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
         if name.strip() == "flags":
             flags.update(value.split())
-    return bool(flags & NATIVE_BFLOAT16_FLAGS)
+    return flags
 
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
@@ -86,7 +107,13 @@ def use_dtype_policy(mixed_precision: MixedPrecision) -> str:
     which resets it to float32); returns the policy's name. Models built afterwards compute in it."""
     import keras
 
-    policy = dtype_policy(mixed_precision, gpu_compute_capabilities=gpu_compute_capabilities())
+    gpus = gpu_compute_capabilities()
+    policy = dtype_policy(mixed_precision, gpu_compute_capabilities=gpus)
+    if policy == "mixed_bfloat16" and not gpus and not cpu_runs_bfloat16():
+        raise TrainingError(
+            "train.mixed_precision: bfloat16 cannot run on this node's CPU (no AVX-512, or ONEDNN_MAX_CPU_ISA "
+            "below it): use true (16 bits only where native) or false"
+        )
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
