@@ -4,10 +4,9 @@
 cores (float16; Keras's own advice) and CPUs with AVX512-BF16 or AMX (bfloat16, through oneDNN). Measured on an
 AMD EPYC (Zen 4) with AVX512-BF16, one thread, batch 128: the batch-norm CNN trains at 1,310-1,350 images/s in
 mixed_bfloat16 against 967-969 in float32 (two threads: 2,330-2,460 against 1,620-1,660), the classic CNN at
-1,980-2,040 against 1,130-1,190. Without native
-bfloat16, oneDNN emulates it: 416-425 images/s with plain AVX-512 (2.3x slower than float32), and on AVX2 the
-convolution does not run at all. Hence `true` asks for 16 bits where they are native and keeps float32 elsewhere,
-while "float16" and "bfloat16" force a policy wherever the trial runs.
+1,980-2,040 against 1,130-1,190. Without native bfloat16, oneDNN emulates it: 416-425 images/s with plain AVX-512
+(2.3x slower than float32), and on AVX2 the convolution does not run at all. Hence `true` asks for 16 bits where
+they are native and keeps float32 elsewhere, while "float16" and "bfloat16" force a policy wherever the trial runs.
 """
 
 from __future__ import annotations
