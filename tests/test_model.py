@@ -327,7 +327,10 @@ def test_mixed_precision_computes_in_16_bits_with_float32_weights_and_output(mix
 
 AMD_ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nbugs\t\t: none\n"
 INTEL_SPR = "flags\t\t: fpu avx2 avx512f amx_tile amx_bf16 amx_int8\n"
-SKYLAKE = "flags\t\t: fpu avx2 avx512f avx512dq avx512cd avx512bw avx512vl\nbugs\t\t: spectre_v1 avx512_bf16_is_not_a_flag_here\n"
+SKYLAKE = (
+    "flags\t\t: fpu avx2 avx512f avx512dq avx512cd avx512bw avx512vl\n"
+    "bugs\t\t: spectre_v1 avx512_bf16_is_not_a_flag_here\n"
+)
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from stages.common.errors import TrainingError
 
-MixedPrecision = bool | Literal["float16", "bfloat16"]
-MIXED_PRECISION_CHOICES = (True, False, "float16", "bfloat16")
+SixteenBits = Literal["float16", "bfloat16"]
+MixedPrecision = bool | SixteenBits
+MIXED_PRECISION_CHOICES = (True, False, *get_args(SixteenBits))
 
 CPUINFO = Path("/proc/cpuinfo")
 NATIVE_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # Linux's names for the x86 extensions
