@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config (file + overrides) and exit")
     add_config_arguments(show)
 
+    export = commands.add_parser(
+        "export-config", help="print a config that retrains a run's winning trial as a single trial, exactly",
+        description="Print the config (YAML) that retrains the winning trial of a finished run as one trial: its "
+        "hyperparameters, seed and learning-rate cycles, the run's data, CPUs per trial and precision. On the same "
+        "machine its validation accuracy is the run's to the last digit.",
+    )
+    export.add_argument("run", metavar="RUN", help="run id (under run.root), run folder or URI")
+    add_config_arguments(export)
+
     runs = commands.add_parser(
         "runs", help="list the runs under run.root with their accuracies, or compare runs side by side",
         description="Without RUN: list the runs under run.root: status (finished, or the stage it stopped in), "
@@ -75,9 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         "images", metavar="IMAGE", nargs="+", type=str,
         help="image files; a bad one is reported on its own line (exit 2), the others are still classified",
     )
-    predict.add_argument(
-        "--ensemble", action="store_true",
-        help="use the run's top-k ensemble (model/ensemble.keras, made with evaluate.ensemble_top_k)",
+    which = predict.add_mutually_exclusive_group()
+    which.add_argument(
+        "--ensemble", action="store_true", default=None,
+        help="use the run's top-k ensemble (model/ensemble.keras, made with evaluate.ensemble_top_k); default: "
+        "whichever of the ensemble and the single best model did better on the validation split",
+    )
+    which.add_argument(
+        "--single", dest="ensemble", action="store_false", help="use the run's single best model (model/model.keras)"
     )
     predict.add_argument("--top", type=int, default=1, metavar="K", help="also show the next K-1 likeliest digits")
     add_config_arguments(predict)
@@ -141,6 +155,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if args.command == "config":
         print(config.to_yaml(), end="")
+        return 0
+    if args.command == "export-config":
+        from pipeline.export_config import export_config
+
+        print(export_config(args.run, config.run.root), end="")
         return 0
     if args.command == "runs":
         from pipeline.runs import compare_runs, format_runs, list_runs

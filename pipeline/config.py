@@ -239,9 +239,9 @@ class EvaluateSection(BaseModel):
     batch_size: int = Field(1000, ge=1, le=10000, description="images per prediction step on the test set")
     # members are the trials with the best validation accuracy (never chosen on test); 20 classic CNNs are 270 MB
     ensemble_top_k: int | None = Field(
-        None, ge=2, le=20,
-        description="also measure, and export as model/ensemble.keras, the average of the k best trials' models; "
-        "null: none",
+        5, ge=2, le=20,
+        description="also measure, and export as model/ensemble.keras, the average of the best trials' models: as "
+        "many of the k best (at least 2) as do best on the validation split; null: none",
     )
 
 

@@ -216,6 +216,7 @@ class Tee(io.TextIOBase):
         r"|Experiment state snapshotting has been triggered|You may want to consider increasing the `CheckpointConfig"
         r"|You can suppress this warning by setting the environment variable TUNE_WARN"
         r"|Training (started|finished) (iteration|with)"
+        r"|Restored on \S+ from checkpoint: Checkpoint\("  # a paused trial (halving, pbt) going on
         r"|.*Pre-set value `.*` is not (within valid values|equal to the value) of parameter"  # the base trial
     )
     _NO_GPU_CHATTER = re.compile(r"failed call to cuInit|Could not find cuda drivers|cuda_(platform|executor)\.cc")

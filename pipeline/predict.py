@@ -69,18 +69,24 @@ def printable(name: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def find_model(run_or_model: str, root: str, *, ensemble: bool = False) -> str:
-    """A .keras file, a run folder or URI, or a run id under `root` → the model's location: the run's best model, or
-    with `ensemble` its top-k ensemble (model/ensemble.keras, made when evaluate.ensemble_top_k was set).
+def find_model(run_or_model: str, root: str, *, ensemble: bool | None = None) -> str:
+    """A .keras file, a run folder or URI, or a run id under `root` → the model's location: with `ensemble` True the
+    run's top-k ensemble (model/ensemble.keras, made when evaluate.ensemble_top_k was set), with False its best
+    single model, with None whichever of the two did better on the validation split (metrics.json says).
 
     Raises:
       BadInputError: nothing there holds a model, or it is not a regular file; `ensemble` with a .keras file.
+      DamagedFile: the run's metrics.json cannot be read (to choose between the two).
     """
     if run_or_model.endswith(".keras"):
         if ensemble:
             raise BadInputError(f"{printable(run_or_model)}: --ensemble picks a run's ensemble; give the run, or the "
                                 ".keras file without --ensemble")
         model = run_or_model
+    elif ensemble is None:
+        run = locate_run(run_or_model, root)
+        preferred = storage.exists(run.metrics_file) and _ensemble_preferred(run)
+        model = storage.join(run.model_dir, EXPORTED_ENSEMBLE) if preferred else run.model_file
     elif ensemble:
         run = locate_run(run_or_model, root)
         model = storage.join(run.model_dir, EXPORTED_ENSEMBLE)
@@ -99,6 +105,14 @@ def find_model(run_or_model: str, root: str, *, ensemble: bool = False) -> str:
     raise BadInputError(
         f"no model at {run_or_model!r}: give a model.keras file, a run folder, or the id of a finished run in {root}"
     )
+
+
+def _ensemble_preferred(run) -> bool:
+    """Whether the run's ensemble did better than its best single model on the validation split."""
+    from pipeline.run_files import read_metrics
+
+    ensemble = read_metrics(run).ensemble
+    return ensemble is not None and ensemble.preferred
 
 
 # ---- reading a file that may be anything --------------------------------------------------------------------------

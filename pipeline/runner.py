@@ -37,6 +37,7 @@ from pipeline.tasks import (
     preprocess_task,
     train_task,
 )
+from pipeline.warm_start import earlier_trials
 from stages.common import storage
 from stages.common.errors import BadInputError, DataError
 from stages.common.redact import redact
@@ -170,13 +171,16 @@ class _StageRunner:
                 log.warning("stage train: the Tune experiment cannot be restored (%s); training anew", problem)
                 self._set_aside_experiment(problem)
         tracking = (self.tracking.target, self.tracking.uri) if self.tracking is not None else None
+        earlier = earlier_trials(self.config.train.warm_start, self.config.run.root)
+        if earlier:
+            log.info("train: warm start from %d trials of %s", len(earlier), ", ".join(self.config.train.warm_start))
         with self._timed("train") as outputs:
             # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
             # experiment with it (trials on that node are retried elsewhere from their checkpoints).
             beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             outcome = self._get(train_task.options(scheduling_strategy=beside_driver).remote(
                 splits, self.config.model, self.config.train, self.config.run.seed, self.run.location, self.resume,
-                self.level, tracking,
+                self.level, tracking, earlier,
             ))
             outputs["best_trial_id"] = outcome.best_trial_id
         return outcome
@@ -186,8 +190,8 @@ class _StageRunner:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
             cpus = _evaluate_cpus({"GPU": gpus, **self.config.ray.stage_resources.get("evaluate", {})})
             metrics = self._get(self._task(evaluate_task, "evaluate", num_gpus=gpus, num_cpus=cpus).remote(
-                outcome, splits.test, self.config.evaluate, self.run.location, dict(self.seconds),
-                self.config.train.epochs, self.level,
+                outcome, splits.validation, splits.test, self.config.evaluate, self.run.location, dict(self.seconds),
+                self.config.train, self.level,
             ))
             outputs["test_accuracy"] = metrics.test_accuracy
         return metrics

@@ -8,7 +8,7 @@ from typing import Any
 from pipeline.run_folder import RunFolder
 from stages.common.errors import QualityGateError
 from stages.common.redact import redact
-from stages.evaluation.metrics import RunMetrics, TopTrial
+from stages.evaluation.metrics import EnsembleMetrics, RunMetrics, TopTrial
 
 STAGES = ("download", "preprocess", "train", "evaluate")
 
@@ -75,9 +75,8 @@ def format_summary(summary: RunSummary) -> str:
         f"  hyperparameters: {hyperparameters}",
         f"  val accuracy:    {metrics.val_accuracy:.4f}",
         f"  test accuracy:   {metrics.test_accuracy:.4f} (loss {metrics.test_loss:.4f}, "
-        f"{metrics.test_images} images)"
-        + (f"; ensemble of the {ensemble.k} best trials: {ensemble.test_accuracy:.4f} "
-           f"(loss {ensemble.test_loss:.4f})" if ensemble else ""),
+        f"{metrics.test_images} images)",
+        *([f"  ensemble:        {ensemble_line(ensemble)}"] if ensemble else []),
         f"  trial nodes:     {', '.join(node[:12] for node in nodes)}",
         f"  stage times:     {times}",
         f"  report:          {redact(RunFolder(summary.folder).report_file)}",
@@ -85,6 +84,15 @@ def format_summary(summary: RunSummary) -> str:
         "config.yaml)",
     ]
     return "\n".join(lines)
+
+
+def ensemble_line(ensemble: EnsembleMetrics) -> str:
+    """The ensemble's test accuracy, how k was chosen, and which model `predict` uses."""
+    line = f"test accuracy {ensemble.test_accuracy:.4f} (loss {ensemble.test_loss:.4f}), the {ensemble.k} best trials"
+    if ensemble.val_accuracy is None or ensemble.single_val_accuracy is None:
+        return line  # evaluated before k was chosen on validation
+    return (f"{line}, k chosen on validation ({ensemble.val_accuracy:.4f} against {ensemble.single_val_accuracy:.4f} "
+            f"alone): predict uses {'the ensemble' if ensemble.preferred else 'the single best model'}")
 
 
 def _top_trials_table(top: list[TopTrial], indent: str) -> list[str]:

@@ -110,8 +110,10 @@ def train_task(
     resume: bool,
     log_level: int,
     tracking=None,
+    earlier=(),
 ):
-    """`tracking`: (pipeline.tracking.TrackingTarget, the server's URI): a child run per trial."""
+    """`tracking`: (pipeline.tracking.TrackingTarget, the server's URI): a child run per trial; `earlier`: the trials
+    of train.warm_start's runs (pipeline.warm_start)."""
     from stages.train import train
 
     _worker_logging(log_level)
@@ -132,6 +134,7 @@ def train_task(
         seed=seed,
         resume=resume,
         callbacks=callbacks,
+        earlier=earlier,
     )
 
 
@@ -175,9 +178,21 @@ def _has_model(checkpoint) -> bool:
     return info.type == pyarrow.fs.FileType.File
 
 
+def _importance(metrics: RunMetrics, train: TrainSettings) -> dict[str, float]:
+    """The searched hyperparameters' importance for the report; none (said in the log) where it cannot be had."""
+    from stages.evaluation.importance import hyperparameter_importance
+
+    try:
+        return hyperparameter_importance(metrics.trials, train.search_space)
+    except Exception as error:  # the report goes on without it
+        log.warning("report: no hyperparameter importance (%s: %s)", type(error).__name__, error)
+        return {}
+
+
 @ray.remote(num_cpus=1)
 def evaluate_task(
-    outcome, test, settings: EvaluateSection, run_location: str, stage_seconds: dict, epochs: int, log_level: int
+    outcome, validation, test, settings: EvaluateSection, run_location: str, stage_seconds: dict,
+    train: TrainSettings, log_level: int,
 ) -> RunMetrics:
     """Scores the best checkpoint (and the top-k ensemble, if asked for), exports the model(s), writes trials.csv,
     metrics.json and the report into the run folder."""
@@ -203,13 +218,15 @@ def evaluate_task(
     exported = export_model(model, outcome.best_hyperparameters, run.model_dir)
     # beside the single best model, whose numbers stay the headline ones
     ensemble = top_k_ensemble(
-        outcome.ranked, settings.ensemble_top_k, test, batch_size=settings.batch_size, model_dir=run.model_dir
+        outcome.ranked, settings.ensemble_top_k, validation, test, batch_size=settings.batch_size,
+        model_dir=run.model_dir,
     )
     metrics = run_metrics(outcome, evaluation, redact(exported), ensemble)
     storage.write_json(run.metrics_file, metrics.to_json())
     timings = {**stage_seconds, "evaluate": round(time.perf_counter() - started, 2)}
     write_report(
-        ReportInputs(run.run_id, metrics, timings, epochs, test.images, test.labels, probabilities),
+        ReportInputs(run.run_id, metrics, timings, train.epochs, test.images, test.labels, probabilities,
+                     importance=_importance(metrics, train), time_budget_s=train.time_budget_s),
         run.report_file, run.figures_dir,
     )
     log.info("report: %s", redact(run.report_file))

@@ -19,11 +19,13 @@ from stages.common import storage
 from stages.common.errors import BadInputError, StorageError, TrainingError
 from stages.preprocess import LabeledImages
 from stages.training.finished_checkpoints import slim_finished_checkpoints
+from stages.training.halving import MIN_RESERVE_S, RESERVE_FRACTION
 from stages.training.hyperparameters import Hyperparameters
 from stages.training.preload import PreloadForEvaluation
-from stages.training.progress import SearchProgress
+from stages.training.progress import PREFIX, SearchProgress, format_seconds
 from stages.training.search_algorithms import (
     STOP_REASON_FILE,
+    EarlierTrial,
     EpochsDone,
     SearchStopper,
     make_scheduler,
@@ -58,6 +60,7 @@ def train(
     seed: int = 0,
     resume: bool = False,
     callbacks: Sequence[tune.Callback] = (),
+    earlier: Sequence[EarlierTrial] = (),
 ) -> TuneOutcome:
     """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
 
@@ -82,6 +85,7 @@ def train(
         be this run's, left by an earlier attempt of the same train task (Ray retries a task whose worker died).
       callbacks: more Tune callbacks (the pipeline's experiment tracking); a restored experiment keeps those it
         began with.
+      earlier: earlier runs' trials that seed the searcher (train.warm_start; make_searcher says how).
 
     SIGTERM (the pipeline's driver stopping, or the system stopping the process) ends Tune's loop the way Ctrl-C ends
     it in a plain Tune script: the experiment's state is written one last time and the trials are stopped; the
@@ -110,6 +114,7 @@ def train(
         cpus=settings.cpus_per_trial,
         seed=seed,
         mixed_precision=settings.mixed_precision,
+        fixed_seed=settings.trial_seed,
     )
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     snapshot_seconds = SNAPSHOT_SECONDS_REMOTE if storage.is_uri(storage_path) else SNAPSHOT_SECONDS_LOCAL
@@ -128,6 +133,11 @@ def train(
             experiment, trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
         return _finish(_summarize(_fit(tuner, storage_path), storage_path, experiment, experiment), settings)
+    slots = concurrent_trials(settings)
+    if settings.scheduler == "halving":
+        _say(f"plan: {settings.halving_plan().describe(settings.epochs, settings.time_budget_s)}; {slots} at a time"
+             + (f"; time budget {format_seconds(settings.time_budget_s)}" if settings.time_budget_s is not None
+                else ""))
     tuner = tune.Tuner(
         trainable,
         param_space=settings.param_space(base),
@@ -135,8 +145,8 @@ def train(
             metric=METRIC,
             mode=MODE,
             num_samples=settings.num_samples,
-            scheduler=make_scheduler(settings),
-            search_alg=make_searcher(settings, base, seed),  # it limits the trials at once itself
+            scheduler=make_scheduler(settings, slots=slots, say=_say),
+            search_alg=make_searcher(settings, base, seed, earlier),  # it limits the trials at once itself
             reuse_actors=settings.reuse_actors,
         ),
         run_config=tune.RunConfig(
@@ -152,7 +162,8 @@ def train(
             sync_config=tune.SyncConfig(sync_period=snapshot_seconds),
             callbacks=[
                 JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (stages.training.trial_logs)
-                SearchProgress(settings.trial_count, settings.epochs),  # the console's lines (stages.training.progress)
+                # the console's lines (stages.training.progress)
+                SearchProgress(settings.trial_count, settings.epochs, time_budget_s=_eta_budget(settings)),
                 PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
                 *callbacks,
             ],
@@ -161,6 +172,20 @@ def train(
     )
     results = _fit(tuner, storage_path)
     return _finish(_summarize(results, storage_path, results.experiment_path, experiment), settings)
+
+
+def _say(message: str) -> None:
+    """A line of the search's own for the console (stages.training.progress)."""
+    print(f"{PREFIX}{message}", flush=True)
+
+
+def _eta_budget(settings: TrainSettings) -> float | None:
+    """The seconds the search's ETA counts down against: halving fills its budget (less the evaluation's share)."""
+    if settings.time_budget_s is None:
+        return None
+    if settings.scheduler == "halving":
+        return settings.time_budget_s - max(MIN_RESERVE_S, RESERVE_FRACTION * settings.time_budget_s)
+    return settings.time_budget_s
 
 
 def _finish(outcome: TuneOutcome, settings: TrainSettings) -> TuneOutcome:
@@ -220,6 +245,9 @@ def _summarize(results: tune.ResultGrid, storage_path: str, experiment_path: str
         outcome = summarize(results, experiment_path=experiment_path)
     except TrainingError as error:  # every trial failed: because the disk is full? Or stopped before a checkpoint?
         _raise_if_disk_full(storage_path, error)
+        if stop_reason is not None and stop_reason.startswith("time budget"):
+            raise BadInputError(f"train.time_budget_s: {stop_reason.removeprefix('time budget of ').split(' s ')[0]}"
+                                " s is too small for even one trial: none finished its first epoch in it") from error
         if stop_reason is not None:
             raise TrainingError(f"the search ended early ({stop_reason}): {error}") from error
         raise

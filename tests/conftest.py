@@ -209,3 +209,20 @@ def gzip_bomb() -> bytes:
             trailer = struct.pack("<II", crc, (copies * len(zeros)) & 0xFFFFFFFF)
             _bomb.append(_GZIP_HEADER + segment * copies + final_empty_block + trailer)
         return _bomb[0]
+
+
+@pytest.fixture(scope="module")
+def data(raw_data):
+    """The training and validation slices (1,000 and 500 images) for real Tune searches of a tiny CNN, put into Ray's
+    object store once for every experiment of the module that asks for them."""
+    import ray
+
+    from stages.preprocess import preprocess
+
+    splits = preprocess(raw_data, validation_size=500, seed=0, max_train_images=1500, max_test_images=10)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray.put(splits.train), ray.put(splits.validation)
+    if started_here:
+        ray.shutdown()

@@ -82,7 +82,9 @@ def test_overrides_are_yaml_and_merge_into_sections(tmp_path):
     assert config.train.epochs == 2 and config.model.learning_rate == 0.001
     assert config.data.mirrors == [str(tmp_path), "https://example.org/mnist/"]
     assert config.train.search_space["dropout"].args == (0.1, 0.2)
-    assert set(config.train.search_space) == {"learning_rate", "dropout", "lr_schedule"}
+    from stages.training.train_settings import DEFAULT_SEARCH_SPACE
+
+    assert set(config.train.search_space) == set(DEFAULT_SEARCH_SPACE) - {"batch_size"}
     assert config.train.num_samples == Config().train.num_samples
     assert config.run.id == "my-run"
 
@@ -91,7 +93,7 @@ def test_a_file_merges_onto_the_defaults_section_by_section(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  epochs: 3\n  search_space:\n    dropout: {choice: [0.3]}\n")
     config = load_config(path, ["train.epochs=4"])
-    assert config.train.epochs == 4 and config.train.num_samples == 8 and config.data == Config().data
+    assert config.train.epochs == 4 and config.train.num_samples == 12 and config.data == Config().data
     assert set(config.train.search_space) == {"dropout"}  # a search space in a file replaces the default one
 
 
@@ -121,7 +123,8 @@ BAD_OVERRIDES = [
     (["train.epochs=2.5"], "train.epochs: Input should be a valid integer"),
     (["model.dropout=1.0"], "model.dropout: Input should be less than 1 (got 1.0)"),
     (["model.optimizer=adagrad"], "model.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'rmsprop'"),
-    (["train.scheduler=median"], "train.scheduler: Input should be 'asha', 'fifo', 'hyperband', 'bohb' or 'pbt'"),
+    (["train.scheduler=median"],
+     "train.scheduler: Input should be 'halving', 'asha', 'fifo', 'hyperband', 'bohb' or 'pbt'"),
     (["train.searcher=optuna", "train.search_space.batch_size={choice: [64, 256]}"],
      "train.include_base_trial: searcher optuna starts from the model section's values, and model.batch_size (128)"),
     (["train.searcher=optuna", "train.search_space.optimizer={grid: [adam, sgd]}"],

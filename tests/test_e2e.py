@@ -29,6 +29,7 @@ def finished_run(tmp_path_factory, mirror_server):
             "--set", "data.max_test_images=1000",
             "--set", "train.epochs=2",
             "--set", "train.num_samples=2",
+            "--set", "train.scheduler=asha",
             "--set", "train.grace_period=1",
             "--set", "train.search_space.batch_size={choice: [64]}",
             "--set", "ray.num_cpus=2",
@@ -194,8 +195,8 @@ def test_predict_reads_digits_as_people_have_them(finished_run, tmp_path):
         digit.save(path, quality=95) if path.suffix == ".jpg" else digit.save(path)
         files.append(str(path))
         expected.append(int(labels[index]))
-    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(folder), *files, "--top", "2"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(folder), *files, "--top", "2",
+                             "--single"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(files)
@@ -210,6 +211,19 @@ def test_predict_reads_digits_as_people_have_them(finished_run, tmp_path):
         refused = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(folder), bad],
                                  capture_output=True, text=True, cwd=REPO, timeout=300)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_predict_uses_the_model_that_did_better_on_validation(finished_run):
+    from pipeline.predict import find_model
+
+    folder, _ = finished_run
+    ensemble = json.loads((folder / "metrics.json").read_text())["ensemble"]
+    assert ensemble["k"] == 2 and len(ensemble["val_accuracy_by_k"]) == 2
+    preferred = ensemble["val_accuracy"] > ensemble["single_val_accuracy"]
+    chosen = find_model(str(folder), str(folder.parent))
+    assert chosen == str(folder / "model" / ("ensemble.keras" if preferred else "model.keras"))
+    assert find_model(str(folder), str(folder.parent), ensemble=False) == str(folder / "model" / "model.keras")
+    assert find_model(str(folder), str(folder.parent), ensemble=True) == str(folder / "model" / "ensemble.keras")
 
 
 def test_runs_lists_finished_and_stopped_runs(finished_run):

@@ -75,16 +75,54 @@ def test_fewer_trials_than_k_make_a_smaller_ensemble_one_makes_none(tmp_path, ca
     from stages.evaluation.ensemble import choose_members, top_k_ensemble
 
     candidates = ranked(4, tmp_path)
-    assert choose_members(candidates, 2) == candidates[:2] and not caplog.records
-    assert choose_members(candidates, 6) == candidates
-    assert "evaluate.ensemble_top_k=6 but only 4 trials have checkpoints" in caplog.text
-    caplog.clear()
+    assert choose_members(candidates, 2) == candidates[:2]
+    assert choose_members(candidates, 6) == candidates  # k is the most members
+    assert not caplog.records
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "ensemble.keras").write_bytes(b"left by an earlier evaluation of this run")
-    assert top_k_ensemble(ranked(1, tmp_path), 3, None, batch_size=10, model_dir=str(model_dir)) is None
+    assert top_k_ensemble(ranked(1, tmp_path), 3, None, None, batch_size=10, model_dir=str(model_dir)) is None
     assert "only 1 trial has a checkpoint: no ensemble" in caplog.text
     assert not (model_dir / "ensemble.keras").exists(), "an ensemble no metrics describe is removed"
+
+
+def test_the_ensemble_takes_as_many_members_as_do_best_on_validation_never_on_test(tmp_path):
+    import keras
+    from ray import tune
+
+    from stages.evaluation.ensemble import top_k_ensemble
+    from stages.preprocess import LabeledImages
+    from stages.training.tune_results import RankedCheckpoint
+
+    members, candidates = [], []
+    for seed in range(3):  # three different (untrained) models, each in a checkpoint folder as a trial leaves it
+        keras.utils.set_random_seed(seed)
+        members.append(build_model(Hyperparameters(conv1_filters=4, conv2_filters=8, dense_units=32)))
+        folder = tmp_path / f"trial{seed}"
+        folder.mkdir()
+        members[-1].save(folder / "model.keras")
+        candidates.append(RankedCheckpoint(f"t{seed}", 0.9, 1, tune.Checkpoint.from_directory(str(folder)),
+                                           str(folder)))
+    rng = np.random.default_rng(0)
+    val_images, test_images = (rng.integers(0, 256, (200, 28, 28), dtype=np.uint8) for _ in range(2))
+
+    def averaged(models, images):
+        return np.mean([model.predict(images, verbose=0) for model in models], axis=0)
+
+    # validation labels are what the first two members agree on, test labels what all three do: only a choice made
+    # on test would take three
+    validation = LabeledImages(val_images, averaged(members[:2], val_images).argmax(axis=1).astype(np.uint8))
+    test = LabeledImages(test_images, averaged(members, test_images).argmax(axis=1).astype(np.uint8))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    ensemble = top_k_ensemble(candidates, 3, validation, test, batch_size=100, model_dir=str(model_dir))
+    assert ensemble.k == 2 and ensemble.trial_ids == ["t0", "t1"]
+    assert ensemble.val_accuracy == 1.0 == ensemble.val_accuracy_by_k[1]
+    assert len(ensemble.val_accuracy_by_k) == 3 and ensemble.val_accuracy_by_k[2] < 1.0
+    assert ensemble.single_val_accuracy == ensemble.val_accuracy_by_k[0] < 1.0 and ensemble.preferred
+    expected = np.mean(averaged(members[:2], test_images).argmax(axis=1) == test.labels)
+    assert ensemble.test_accuracy == pytest.approx(expected) and expected < 1.0
+    assert (model_dir / "ensemble.keras").is_file()
 
 
 @pytest.mark.parametrize("value, error", [
@@ -102,7 +140,7 @@ def test_ensemble_top_k_is_checked(value, error):
         load_config(None, [f"evaluate.ensemble_top_k={value}"])
     assert load_config(None, ["evaluate.ensemble_top_k=20"]).evaluate.ensemble_top_k == 20
     assert load_config(None, ["evaluate.ensemble_top_k=null"]).evaluate.ensemble_top_k is None
-    assert load_config(None).evaluate.ensemble_top_k is None
+    assert load_config(None).evaluate.ensemble_top_k == 5  # on by default
 
 
 def test_parallel_coordinates_put_every_trial_on_each_axis_in_its_scale():

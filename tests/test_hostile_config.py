@@ -305,11 +305,11 @@ BOUNDED = [
     (["a.b.c.d.e.f.g.h.i=1"], "--set a.b.c.d.e.f.g.h.i: no setting is 9 levels deep"),
     # each within its own bounds, too big together: found now, not when the first trial builds its model
     (["model.dense_units=16384", "model.conv2_filters=1024"], "model: the largest model this config trains "
-                                                               "(32/1024 filters of 5x5, 16384 dense units"),
+                                                               "(48/1024 filters of 5x5, 16384 dense units"),
     (["train.search_space.dense_units={randint: [512, 16384]}", "model.conv2_filters=512"],
      "has 412 M weights, more than 100 M"),
     (["model.batch_size=65536", "model.conv1_filters=256"], "a training step of the largest model this config "
-                                                            "trains (256/64 filters"),
+                                                            "trains (256/96 filters"),
 ]
 
 

@@ -393,3 +393,59 @@ def test_true_asks_for_16_bits_where_the_hardware_computes_them(monkeypatch, mix
     # the CPU's answer (read from its flags, tested above) stands in for another machine's
     monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: native_cpu)
     assert precision.dtype_policy(mixed_precision, gpu_compute_capabilities=gpus) == policy
+
+
+@pytest.fixture(scope="module")
+def slice_2500(raw_data):
+    """A slice as users try things on first: 2,500 training and 500 validation images of real MNIST."""
+    from stages.preprocess import preprocess
+
+    splits = preprocess(raw_data, validation_size=500, seed=0, max_train_images=3000, max_test_images=10)
+    return splits.train, splits.validation
+
+
+def test_batch_norm_statistics_keep_up_with_two_epochs_on_a_slice(slice_2500):
+    """The quick config's batch-norm CNN, 2 epochs on 2,500 images (20 steps an epoch): with Keras's momentum of 0.99
+    the moving statistics lagged so far behind the weights that validation accuracy fell to 0.12-0.17 at epoch 2
+    while training accuracy rose; the momentum now follows the steps per epoch."""
+    import keras
+
+    from stages.training.model import bn_momentum
+
+    train, validation = slice_2500
+    assert len(train) == 2500
+    hp = Hyperparameters(batch_norm=True, lr_schedule="one_cycle", warmup_fraction=0.2, dropout=0.3,
+                         learning_rate=3e-3)
+    steps = math.ceil(len(train) / hp.batch_size)
+    assert bn_momentum(steps) == pytest.approx(0.8) and bn_momentum(430) == 0.99 and bn_momentum(None) == 0.99
+    keras.utils.set_random_seed(0)
+    model = build_model(hp, decay_steps=2 * steps, steps_per_epoch=steps)
+    assert {layer.momentum for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"} == {0.8}
+    accuracies = []
+    for epoch in range(2):
+        model.fit(train.images, train.labels, batch_size=hp.batch_size, epochs=epoch + 1, initial_epoch=epoch,
+                  verbose=0)
+        accuracies.append(model.evaluate(validation.images, validation.labels, verbose=0)[1])
+    assert accuracies[0] > 0.7 and accuracies[1] > 0.9 and accuracies[1] > accuracies[0], accuracies
+
+
+@pytest.mark.parametrize("shape", ["one_cycle", "warmup_cosine", "cosine"])
+def test_warm_restarts_run_one_whole_cycle_per_rung(shape):
+    """Successive halving's schedule: cycles ending at steps 10 and 40, each warming up (20 %) and decaying over
+    its own length; a promoted trial's first cycle is the one it trained before its promotion."""
+    from stages.training.model import ONE_CYCLE_DIV_FACTOR, ONE_CYCLE_FINAL_DIV_FACTOR, make_learning_rate
+
+    peak = 1e-3
+    hp = Hyperparameters(lr_schedule=shape, learning_rate=peak, warmup_fraction=0.2)
+    promoted = make_learning_rate(hp, decay_steps=40, cycle_ends=[10])
+    before = make_learning_rate(hp, decay_steps=10, cycle_ends=[])
+    rate = {step: float(promoted(step)) for step in (0, 2, 9, 10, 16, 28, 39, 40, 50)}
+    assert [float(before(step)) for step in range(10)] == [float(promoted(step)) for step in range(10)]
+    start = {"one_cycle": peak / ONE_CYCLE_DIV_FACTOR, "warmup_cosine": 0.0, "cosine": peak}[shape]
+    end = {"one_cycle": start / ONE_CYCLE_FINAL_DIV_FACTOR, "warmup_cosine": 0.0, "cosine": 0.0}[shape]
+    assert rate[0] == pytest.approx(start, rel=1e-5) and rate[10] == pytest.approx(start, rel=1e-5)  # afresh
+    if shape != "cosine":
+        assert rate[2] == pytest.approx(peak, rel=1e-5) and rate[16] == pytest.approx(peak, rel=1e-5)  # warm-ups: 2, 6
+    assert rate[9] < 0.05 * peak, "the first cycle has decayed by the end of its rung"
+    assert rate[16] > rate[28] > rate[39]
+    assert rate[40] == pytest.approx(end, abs=1e-12) and rate[50] == pytest.approx(end, abs=1e-12)

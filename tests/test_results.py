@@ -150,12 +150,14 @@ def evaluated(outcome, splits, tmp_path_factory):
 
     from pipeline.config import EvaluateSection
     from pipeline.tasks import evaluate_task
+    from stages.training.train_settings import TrainSettings
 
     folder = tmp_path_factory.mktemp("runs") / "results"
     folder.mkdir()
     metrics = ray.get(evaluate_task.remote(
-        dataclasses.replace(outcome, stop_reason=STOP_REASON), splits.test, EvaluateSection(ensemble_top_k=2),
-        str(folder), {"download": 1.0, "preprocess": 1.0, "train": 10.0}, 4, logging.WARNING,
+        dataclasses.replace(outcome, stop_reason=STOP_REASON), splits.validation, splits.test,
+        EvaluateSection(ensemble_top_k=2), str(folder), {"download": 1.0, "preprocess": 1.0, "train": 10.0},
+        TrainSettings(epochs=4), logging.WARNING,
     ))
     return folder, metrics
 
@@ -312,8 +314,8 @@ def test_the_ensemble_averages_the_k_best_trials_by_validation(evaluated, outcom
     assert low.test_accuracy > max(score(p, labels).test_accuracy for p in members) + 0.3
     # the single best model's numbers stay the headline ones
     assert metrics.test_accuracy == score(members[0], labels).test_accuracy
-    summary_line = next(line for line in format_summary_lines(folder, metrics) if "test accuracy:" in line)
-    assert f"ensemble of the 2 best trials: {ensemble.test_accuracy:.4f}" in summary_line
+    summary_line = next(line for line in format_summary_lines(folder, metrics) if "ensemble:" in line)
+    assert f"test accuracy {ensemble.test_accuracy:.4f}" in summary_line and "the 2 best trials" in summary_line
 
 
 def format_summary_lines(folder: Path, metrics) -> list[str]:
@@ -330,7 +332,11 @@ def test_the_exported_ensemble_is_what_predict_loads(evaluated, models, splits):
     folder, _ = evaluated
     location = find_model(str(folder), str(folder.parent), ensemble=True)
     assert location == str(folder / "model" / "ensemble.keras")
-    assert find_model(str(folder), str(folder.parent)) == str(folder / "model" / "model.keras")
+    assert find_model(str(folder), str(folder.parent), ensemble=False) == str(folder / "model" / "model.keras")
+    # without a choice: whichever did better on validation, as metrics.json says
+    preferred = json.loads((folder / "metrics.json").read_text())["ensemble"]
+    assert preferred["val_accuracy"] > preferred["single_val_accuracy"], "this ensemble beat its single model there"
+    assert find_model(str(folder), str(folder.parent)) == location
     with pytest.raises(BadInputError, match="--ensemble picks a run's ensemble"):
         find_model(location, str(folder.parent), ensemble=True)
     images = splits.test.images[:6]

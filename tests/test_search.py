@@ -30,26 +30,11 @@ BASE_PARAMETERS = (5 * 5 * 1 * 4 + 4) + (5 * 5 * 4 * 8 + 8) + (7 * 7 * 8 * 32 + 
 SEED = 7
 
 
-@pytest.fixture(scope="module")
-def data(raw_data):
-    """The training and validation slices, put into Ray's object store once for every experiment of this module."""
-    import ray
-
-    from stages.preprocess import preprocess
-
-    splits = preprocess(raw_data, validation_size=500, seed=0, max_train_images=1500, max_test_images=10)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray.put(splits.train), ray.put(splits.validation)
-    if started_here:
-        ray.shutdown()
-
-
 def settings(**changes) -> TrainSettings:
     """Small experiments: no retries (a failure shows at once), one searched hyperparameter unless said otherwise."""
     values = {
         "epochs": 2, "num_samples": 2, "max_failures": 0, "include_base_trial": False, "scheduler": "fifo",
+        "time_budget_s": None, "reduction_factor": 2.0, "mixed_precision": False,  # the defaults these tests knew
         "search_space": {"learning_rate": {"loguniform": [1e-3, 1e-2]}},
     }
     return TrainSettings.model_validate({**values, **changes})
@@ -432,7 +417,8 @@ def test_a_time_budget_ends_the_search_and_says_so(data, tmp_path, caplog):
     # half a second: over before any trial's first epoch (a trial's process alone takes longer to start)
     budget = settings(time_budget_s=0.5, num_samples=2, epochs=2)
     with caplog.at_level(logging.INFO, logger="stages.train"):
-        with pytest.raises(TrainingError, match=r"^the search ended early \(time budget of 0\.5 s spent\): no trial"):
+        with pytest.raises(BadInputError, match=r"^train\.time_budget_s: 0\.5 s is too small for even one trial: "
+                                                r"none finished its first epoch in it$"):
             run(data, tmp_path, budget)
     assert "where time_budget_s falls depends on the machine's speed" in caplog.text
     state = json.loads(sorted((tmp_path / "tune").glob("experiment_state-*.json"))[-1].read_text())

@@ -8,6 +8,8 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from stages.common import storage
 from stages.common.atomic import atomic_path
 from stages.common.redact import redact
@@ -20,15 +22,22 @@ from stages.training.tune_results import RankedCheckpoint
 log = logging.getLogger(__name__)
 
 def top_k_ensemble(
-    ranked: list[RankedCheckpoint], k: int | None, test: LabeledImages, *, batch_size: int, model_dir: str
+    ranked: list[RankedCheckpoint],
+    k: int | None,
+    validation: LabeledImages,
+    test: LabeledImages,
+    *,
+    batch_size: int,
+    model_dir: str,
 ) -> EnsembleMetrics | None:
-    """evaluate.ensemble_top_k: the ensemble of the k best trials, measured on the test set and exported to
-    `model_dir`/ensemble.keras.
+    """evaluate.ensemble_top_k: the ensemble of the best trials, as many of them (2 to k) as do best on the validation
+    split, measured on the test set and exported to `model_dir`/ensemble.keras.
 
     Args:
       ranked: every trial's best checkpoint, best validation accuracy first (TuneOutcome.ranked).
-      k: members wanted; None: no ensemble, and an ensemble.keras an earlier evaluation of this run left (resumed
+      k: the most members; None: no ensemble, and an ensemble.keras an earlier evaluation of this run left (resumed
         with other settings) is removed, since no metrics describe it.
+      validation: the validation split, which alone chooses how many members (the test set plays no part).
       test: the test split.
       batch_size: images per prediction step.
       model_dir: the run's model folder (path or URI).
@@ -36,14 +45,35 @@ def top_k_ensemble(
     Returns:
       The ensemble's metrics (where it was exported included), or None without one.
     """
-    members = choose_members(ranked, k) if k else []
-    if not members:
+    candidates = choose_members(ranked, k) if k else []
+    if not candidates:
         remove_exported_ensemble(model_dir)
         return None
-    model, evaluation = evaluate_ensemble(members, test, batch_size=batch_size)
+    models = load_members(candidates)
+    by_k = validation_accuracy_by_k(models, validation, batch_size=batch_size)
+    chosen = best_k(by_k)
+    members, models = candidates[:chosen], models[:chosen]
+    model, evaluation = evaluate_ensemble(members, models, test, batch_size=batch_size)
     exported = export_ensemble(model, model_dir)
-    log.info("evaluate: the ensemble of %d trials: test accuracy %.4f", evaluation.k, evaluation.test_accuracy)
-    return replace(evaluation, model=redact(exported))
+    log.info("evaluate: the ensemble of %d trials (chosen on validation: %s): test accuracy %.4f", evaluation.k,
+             ", ".join(f"k={n} {accuracy:.4f}" for n, accuracy in enumerate(by_k, start=1)), evaluation.test_accuracy)
+    return replace(evaluation, model=redact(exported), val_accuracy=by_k[chosen - 1], single_val_accuracy=by_k[0],
+                   val_accuracy_by_k=by_k)
+
+
+def validation_accuracy_by_k(models: list, validation: LabeledImages, *, batch_size: int) -> list[float]:
+    """The validation accuracy of the average of the first k models, for k = 1 .. len(models)."""
+    total, accuracies = None, []
+    for model in models:
+        probabilities = model.predict(validation.images, batch_size=batch_size, verbose=0)
+        total = probabilities if total is None else total + probabilities
+        accuracies.append(float(np.mean(total.argmax(axis=1) == validation.labels)))
+    return accuracies
+
+
+def best_k(accuracy_by_k: list[float]) -> int:
+    """The number of members (at least 2) with the best validation accuracy; of equal ones, the fewest."""
+    return max(range(2, len(accuracy_by_k) + 1), key=lambda k: (accuracy_by_k[k - 1], -k))
 
 
 def choose_members(ranked: list[RankedCheckpoint], k: int) -> list[RankedCheckpoint]:
@@ -54,9 +84,6 @@ def choose_members(ranked: list[RankedCheckpoint], k: int) -> list[RankedCheckpo
         log.warning("evaluate: evaluate.ensemble_top_k=%d but only %d trial has a checkpoint: no ensemble", k,
                     len(members))
         return []
-    if len(members) < k:
-        log.warning("evaluate: evaluate.ensemble_top_k=%d but only %d trials have checkpoints: the ensemble averages "
-                    "those %d", k, len(members), len(members))
     return members
 
 
@@ -78,16 +105,21 @@ def build_ensemble(members: list, names: list[str]):
     return keras.Model(image, average, name=f"ensemble_of_{len(members)}")
 
 
-def evaluate_ensemble(members: list[RankedCheckpoint], test: LabeledImages, *, batch_size: int = 1000):
-    """Loads each member's checkpointed model, builds the ensemble and measures it on the test set, once.
-
-    Returns:
-      (the ensemble keras.Model, its EnsembleMetrics).
-    """
+def load_members(members: list[RankedCheckpoint]) -> list:
+    """Each member's checkpointed model (float32, uncompiled)."""
     models = []
     for member in members:
         with member.checkpoint.as_directory() as folder:  # a download when the run is remote
             models.append(load_checkpoint_model(Path(folder)))
+    return models
+
+
+def evaluate_ensemble(members: list[RankedCheckpoint], models: list, test: LabeledImages, *, batch_size: int = 1000):
+    """Builds the ensemble of the members' loaded `models` and measures it on the test set, once.
+
+    Returns:
+      (the ensemble keras.Model, its EnsembleMetrics).
+    """
     names = [f"member{rank}_{re.sub(r'[^A-Za-z0-9_]', '_', m.trial_id)}" for rank, m in enumerate(members, start=1)]
     ensemble = build_ensemble(models, names)
     scored = score(ensemble.predict(test.images, batch_size=batch_size, verbose=0), test.labels)

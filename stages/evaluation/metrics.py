@@ -32,6 +32,9 @@ class TrialSummary:
     nodes: list[str] = field(default_factory=list)  # Ray node ids the trial's epochs ran on
     error: str | None = None
     val_accuracy_by_epoch: list[float] = field(default_factory=list)  # [epoch 1, epoch 2, ...]
+    # halving: the epochs its rungs ended at (one learning-rate cycle each), the last where it stopped; else empty
+    rungs: list[int] = field(default_factory=list)
+    trial_seed: int | None = None  # the seed it trained with (stages.training.trial.trial_seed)
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> TrialSummary:
@@ -44,6 +47,8 @@ class TrialSummary:
             nodes=record.get("nodes", []),
             error=record.get("error"),
             val_accuracy_by_epoch=record.get("val_accuracy_by_epoch", []),
+            rungs=record.get("rungs", []),
+            trial_seed=record.get("trial_seed"),
         )
 
 
@@ -60,13 +65,24 @@ class TopTrial:
 
 @dataclass(frozen=True)
 class EnsembleMetrics:
-    """evaluate.ensemble_top_k: the ensemble of the k best trials on the test set."""
+    """evaluate.ensemble_top_k: the ensemble of the k best trials (k chosen on validation) on the test set."""
 
     k: int  # members averaged
     trial_ids: list[str]  # the members, best validation accuracy first
     test_accuracy: float
     test_loss: float
     model: str = ""  # where ensemble.keras was exported (credentials redacted)
+    # the next three: absent from the metrics of runs evaluated before k was chosen on validation; all measured in
+    # float32 by evaluate, on the validation split
+    val_accuracy: float | None = None  # the ensemble's
+    single_val_accuracy: float | None = None  # the best trial's best checkpoint alone
+    val_accuracy_by_k: list[float] = field(default_factory=list)  # k = 1, 2, ...: what chose k
+
+    @property
+    def preferred(self) -> bool:
+        """Whether the ensemble did better than the single best model on validation (what `predict` uses then)."""
+        return (self.val_accuracy is not None and self.single_val_accuracy is not None
+                and self.val_accuracy > self.single_val_accuracy)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import base64
 import html
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,8 @@ class ReportInputs:
     test_images: np.ndarray  # (n, 28, 28) uint8
     test_labels: np.ndarray  # (n,)
     probabilities: np.ndarray  # (n, 10)
+    importance: dict[str, float] = field(default_factory=dict)  # stages.evaluation.importance; empty: not measured
+    time_budget_s: float | None = None  # train.time_budget_s
 
 
 def write_report(inputs: ReportInputs, page_location: str, figures_location: str) -> None:
@@ -317,8 +319,7 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         "<tr{cls}><td>{id}</td><td>{status}</td><td>{epochs}</td><td>{val}</td>{hps}</tr>".format(
             cls=" class=best" if t.trial_id == metrics.best_trial_id else "",
             id=html.escape(t.trial_id),
-            status=html.escape("failed: " + (t.error or "") if t.status == "ERROR" else
-                               ("stopped early" if t.epochs < inputs.epochs else "completed")),
+            status=html.escape("failed: " + (t.error or "") if t.status == "ERROR" else _how_it_ended(t, inputs)),
             epochs=t.epochs,
             val=f"{t.best_val_accuracy:.4f}" if t.best_val_accuracy is not None else "–",
             hps="".join(f"<td>{cell(t.hyperparameters.get(name))}</td>" for name in searched),
@@ -356,6 +357,11 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         f"by F1: {', '.join(str(c.digit) for c in worst)}."
         + _ensemble_sentence(metrics.ensemble, accuracy)
         + (f" The search stopped early: {html.escape(metrics.stop_reason)}." if metrics.stop_reason else "")
+        + (f" The search took {_duration(inputs.stage_seconds['train'])} of its {_duration(inputs.time_budget_s)} "
+           "budget." if inputs.time_budget_s is not None and "train" in inputs.stage_seconds else "")
+    )
+    importance_rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{share:.0%}</td></tr>" for name, share in inputs.importance.items()
     )
     return _PAGE.format(
         run_id=html.escape(inputs.run_id),
@@ -365,6 +371,12 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
         trial_rows=trial_rows,
         top_header="".join(f"<th>{html.escape(name)}</th>" for name in top_names),
         top_rows=top_rows,
+        importance=(
+            "<h2>What mattered</h2><table><tr><th>hyperparameter</th><th>share of the variance</th></tr>"
+            f"{importance_rows}</table><p class=\"note\">fANOVA (Optuna's evaluator) of validation accuracy at the "
+            "epoch every trial reached (with halving: the first rung), over the trials inside the search space.</p>"
+            if importance_rows else ""
+        ),
         class_rows=class_rows,
         timing_rows=timing_rows,
         curves=image("curves", "validation accuracy per epoch for every trial"),
@@ -376,14 +388,31 @@ def render_html(inputs: ReportInputs, pngs: dict[str, bytes]) -> str:
     )
 
 
+def _how_it_ended(trial: TrialSummary, inputs: ReportInputs) -> str:
+    """completed / stopped early, and with halving the rungs it was promoted through."""
+    if len(trial.rungs) > 1:
+        return f"promoted at epoch{'s' if len(trial.rungs) > 2 else ''} " + ", ".join(
+            str(end) for end in trial.rungs[:-1]) + f"; trained to {trial.epochs}"
+    if trial.rungs:
+        return f"stopped at the first rung (epoch {trial.rungs[0]})" if trial.epochs <= trial.rungs[0] else "completed"
+    return "stopped early" if trial.epochs < inputs.epochs else "completed"
+
+
 def _ensemble_sentence(ensemble: EnsembleMetrics | None, single_accuracy: float) -> str:
     if not ensemble:
         return ""
     members = ", ".join(html.escape(trial_id) for trial_id in ensemble.trial_ids)
+    chosen = ""
+    if ensemble.val_accuracy is not None and ensemble.single_val_accuracy is not None:
+        by_k = ", ".join(f"{k}: {accuracy:.2%}" for k, accuracy in enumerate(ensemble.val_accuracy_by_k, start=1))
+        chosen = (f" k was chosen on the validation split (members: validation accuracy {by_k}); `predict` uses "
+                  f"{'the ensemble' if ensemble.preferred else 'the single best model'}, the better of the two "
+                  "there.")
     return (
         f" An ensemble averaging the {ensemble.k} best trials by validation accuracy ({members}) reached "
         f"<b>{ensemble.test_accuracy:.2%}</b> on test "
         f"({(ensemble.test_accuracy - single_accuracy) * 100:+.2f} points; exported as model/ensemble.keras)."
+        + chosen
     )
 
 
@@ -413,6 +442,7 @@ img {{ max-width: 100%; }} .row {{ display: flex; gap: 2rem; flex-wrap: wrap; al
 <h2>How the trials learned</h2>{curves}
 <h2>What the search found</h2>{parallel}
 {hyperparameters}
+{importance}
 <h2>Top trials</h2>
 <table><tr><th>#</th><th>trial</th><th>best val accuracy</th><th>at epoch</th><th>epochs</th>{top_header}</tr>{top_rows}
 </table>

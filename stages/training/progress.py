@@ -18,6 +18,7 @@ import time
 
 from ray.tune import Callback
 
+from stages.training.train_settings import RUNGS_KEY
 from stages.training.tune_results import METRIC
 
 PREFIX = "[search] "
@@ -30,8 +31,9 @@ EPOCH_LINE = re.compile(
 class SearchProgress(Callback):
     """A Tune callback that prints the search's progress (see the module's docstring)."""
 
-    def __init__(self, trials: int, epochs: int, printer=print) -> None:
+    def __init__(self, trials: int, epochs: int, printer=print, *, time_budget_s: float | None = None) -> None:
         self._trials, self._epochs, self._print = trials, epochs, printer
+        self._time_budget_s = time_budget_s  # the ETA never runs past what is left of it
         self._started: float | None = None
         self._trained_here = 0  # epochs reported in this attempt (a restored experiment had others before)
 
@@ -50,7 +52,7 @@ class SearchProgress(Callback):
         self._trained_here += 1
         epoch = int(result.get("training_iteration", 0))
         self._print(
-            f"{PREFIX}{trial.trial_id} epoch {epoch}/{self._epochs}: {METRIC} {_metric(result.get(METRIC))} | "
+            f"{PREFIX}{trial.trial_id} epoch {epoch}/{self._planned(trial)}: {METRIC} {_metric(result.get(METRIC))} | "
             f"{self.status(trials, reporting=(trial, result))}",
             flush=True,
         )
@@ -58,7 +60,11 @@ class SearchProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         epochs = _epochs_of(trial)
         best = _best(trial)
-        how = "finished" if epochs >= self._epochs else f"stopped early after epoch {epochs}"
+        planned, rungs = self._planned(trial), (getattr(trial, "config", None) or {}).get(RUNGS_KEY) or []
+        if len(rungs) == 1 and planned < self._epochs and epochs >= planned:
+            how = f"stopped at the first rung (epoch {epochs})"  # successive halving did not promote it
+        else:
+            how = "finished" if epochs >= planned else f"stopped early after epoch {epochs}"
         self._print(f"{PREFIX}trial {trial.trial_id} {how}: best {METRIC} {_metric(best)}{_searched(trial)}",
                     flush=True)
 
@@ -87,7 +93,7 @@ class SearchProgress(Callback):
                 budget += epochs  # a stopped trial's remaining epochs leave the budget
             else:
                 counts["running" if trial.status == "RUNNING" else "pending"] += 1
-                budget += max(self._epochs, epochs)
+                budget += max(self._planned(trial), epochs)
         unseen = max(0, self._trials - len(trials))  # a searcher suggests its trials one by one
         counts["pending"] += unseen
         budget += unseen * self._epochs
@@ -100,11 +106,19 @@ class SearchProgress(Callback):
         eta = self._eta(budget - trained)
         return " | ".join(parts) + (f" | ETA {format_seconds(eta)}" if eta is not None else "")
 
+    def _planned(self, trial) -> int:
+        """The epochs a trial is to train: its current rung's end with successive halving, else train.epochs."""
+        rungs = (getattr(trial, "config", None) or {}).get(RUNGS_KEY)
+        return int(rungs[-1]) if rungs else self._epochs
+
     def _eta(self, epochs_left: int) -> float | None:
         if self._started is None or not self._trained_here:
             return None
-        rate = self._trained_here / max(time.monotonic() - self._started, 1e-6)  # epochs per second, all slots
-        return epochs_left / rate
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        rate = self._trained_here / elapsed  # epochs per second, all slots
+        if self._time_budget_s is None:
+            return epochs_left / rate
+        return max(0.0, min(epochs_left / rate, self._time_budget_s - elapsed))
 
 
 def format_seconds(seconds: float) -> str:

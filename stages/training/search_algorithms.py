@@ -12,7 +12,8 @@ import json
 import logging
 import random
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 from ray import tune
@@ -51,19 +52,34 @@ def seed_driver(seed: int) -> None:
     np.random.seed(seed)
 
 
-def make_searcher(settings: TrainSettings, base: Hyperparameters, seed: int) -> SearchAlgorithm | Searcher:
+def make_searcher(
+    settings: TrainSettings, base: Hyperparameters, seed: int, earlier: Sequence[EarlierTrial] = ()
+) -> SearchAlgorithm | Searcher:
     """The searcher, limited to settings.max_concurrent_trials trials at once when that is set.
 
     The base trial (settings.include_base_trial) is the searcher's first point: the whole `model` section for the
     random searcher; for the model-based ones, the base's values of the searched hyperparameters (the others are the
     same constants in every trial).
+
+    `earlier` (train.warm_start: earlier runs' trials) seeds the search: the random searcher tries the best of them
+    first, after the base trial (as many as the search has finalists, or a third of its trials); Optuna takes every
+    one of them within the search space as evaluated already (its TPE model starts from their results) instead of
+    the base trial.
     """
     limit = settings.max_concurrent_trials
+    searched = list(settings.search_space)
     if settings.searcher == "random":
+        points = [base.model_dump()] if settings.include_base_trial else []
+        best_first = sorted(earlier, key=lambda trial: -trial.val_accuracy)
+        for trial in best_first[: max(1, min(settings.finalists, settings.trial_count // 3))]:
+            point = {**base.model_dump(), **{name: trial.hyperparameters[name] for name in searched
+                                            if name in trial.hyperparameters}}
+            if point not in points:
+                points.append(point)
         # the limit goes to the generator itself: Tune ignores TuneConfig.max_concurrent_trials (with a warning) once
         # a search algorithm is passed
         return BasicVariantGenerator(
-            points_to_evaluate=[base.model_dump()] if settings.include_base_trial else None,
+            points_to_evaluate=points or None,
             max_concurrent=limit or 0,
             random_state=seed,
         )
@@ -72,7 +88,16 @@ def make_searcher(settings: TrainSettings, base: Hyperparameters, seed: int) -> 
     if settings.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(points_to_evaluate=points, seed=seed)  # TPE, seeded
+        known = [trial for trial in earlier if _within(trial.hyperparameters, settings.search_space)]
+        if known:  # TPE, seeded, its model starting from the earlier results (they are not trained again)
+            searcher = OptunaSearch(
+                points_to_evaluate=[{name: trial.hyperparameters[name] for name in searched} for trial in known],
+                # the rewards at the first rung, like those of the new search's trials stopped there (most of them)
+                evaluated_rewards=[trial.first_rung_accuracy for trial in known],
+                seed=seed,
+            )
+        else:
+            searcher = OptunaSearch(points_to_evaluate=points, seed=seed)  # TPE, seeded
     elif settings.searcher == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
@@ -86,9 +111,44 @@ def make_searcher(settings: TrainSettings, base: Hyperparameters, seed: int) -> 
     return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
 
 
-def make_scheduler(settings: TrainSettings) -> TrialScheduler:
-    """The trial scheduler: its grace period, reduction factor and interval count epochs."""
+@dataclass(frozen=True)
+class EarlierTrial:
+    """A trial of an earlier run (train.warm_start): its hyperparameters, its best validation accuracy, and its
+    validation accuracy at the epoch every trial of its run reached (the first rung), where trials compare alike."""
+
+    hyperparameters: dict[str, Any]
+    val_accuracy: float
+    first_rung_accuracy: float
+
+
+def _within(hyperparameters: dict[str, Any], space: dict[str, Distribution]) -> bool:
+    """Whether every searched hyperparameter has a value the search space could have given it."""
+    for name, spec in space.items():
+        value = hyperparameters.get(name)
+        if value is None:
+            return False
+        if spec.kind in ("choice", "grid"):
+            if not any(type(value) is type(choice) and value == choice for choice in spec.args):
+                return False
+        elif spec.kind == "randint":
+            if not (type(value) is int and spec.args[0] <= value < spec.args[1]):
+                return False
+        elif not (isinstance(value, (int, float)) and spec.args[0] <= value <= spec.args[1]):
+            return False
+    return True
+
+
+def make_scheduler(settings: TrainSettings, *, slots: int = 1, say=log.info) -> TrialScheduler:
+    """The trial scheduler: its grace period, reduction factor and interval count epochs. `slots`: the trials that can
+    run at once (halving plans its last rung with it); `say`: where halving tells its decisions."""
     epochs = settings.epochs
+    if settings.scheduler == "halving":
+        from stages.training.halving import SuccessiveHalving
+
+        return SuccessiveHalving(
+            plan=settings.halving_plan(), max_epochs=epochs, slots=slots, time_budget_s=settings.time_budget_s,
+            say=say,
+        )
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     if settings.scheduler == "asha":

@@ -28,6 +28,7 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 MAX_VALUES = 1000  # of a choice or grid: more is a typo or generated, and a grid multiplies the trials
 MAX_TRIALS = 10000  # num_samples times the size of every grid: Tune creates every trial up front
 MAX_BUDGET_S = 30 * 86400  # a time budget is for a search someone waits for: more is a typo (minutes for seconds)
+RUNGS_KEY = "rungs"  # stages.training.trial's: a trial's rungs in its config (halving)
 MODEL_BASED = ("optuna", "hyperopt", "bohb")  # searchers that suggest each trial from the results before it
 SEARCHER_NAMES = {"optuna": "Optuna's TPE", "hyperopt": "HyperOpt's TPE", "bohb": "BOHB"}
 
@@ -102,22 +103,46 @@ class Distribution(BaseModel):
         return getattr(tune, self.kind)(*self.args)
 
 
+# The space that matters for the classic CNN's family (same layers; the classic network is the base trial): batch
+# norm, regularization (dropout, decoupled weight decay, label smoothing, augmentation), the optimizer and its
+# schedule, the batch size and the three widths.
+DEFAULT_SEARCH_SPACE = {
+    "batch_norm": Distribution(kind="choice", args=(True, False)),
+    "dropout": Distribution(kind="uniform", args=(0.1, 0.5)),
+    "optimizer": Distribution(kind="choice", args=("adam", "adamw")),
+    "weight_decay": Distribution(kind="loguniform", args=(1.0e-4, 5.0e-2)),
+    "learning_rate": Distribution(kind="loguniform", args=(5.0e-4, 5.0e-3)),
+    "lr_schedule": Distribution(kind="choice", args=("one_cycle", "warmup_cosine", "constant")),
+    "label_smoothing": Distribution(kind="uniform", args=(0.0, 0.15)),
+    "augment_shift": Distribution(kind="uniform", args=(0.0, 0.15)),
+    "augment_rotation": Distribution(kind="uniform", args=(0.0, 15.0)),
+    "augment_zoom": Distribution(kind="uniform", args=(0.0, 0.15)),
+    "batch_size": Distribution(kind="choice", args=(64, 128, 256)),
+    "conv1_filters": Distribution(kind="choice", args=(16, 32, 48)),
+    "conv2_filters": Distribution(kind="choice", args=(32, 64, 96)),
+    "dense_units": Distribution(kind="choice", args=(512, 1024, 1536)),
+}
+
+
 class TrainSettings(BaseModel):
     """The `train` section of the config."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     epochs: int = Field(
-        10, ge=1, le=1000, description="epochs per trial at most (asha, hyperband and bohb may stop a trial earlier)"
+        30, ge=1, le=1000,
+        description="epochs per trial at most (halving, asha, hyperband and bohb stop most trials earlier)",
     )
-    num_samples: int = Field(8, ge=1, le=10000, description="trials to sample (times the size of any grid)")
+    num_samples: int = Field(
+        12, ge=1, le=10000, description="trials to sample (times the size of any grid); halving: its first rung"
+    )
     max_concurrent_trials: int | None = Field(
         None, ge=1, le=MAX_TRIALS, description="trials running at once; null: as many as the cluster's CPUs/GPUs allow"
     )
     cpus_per_trial: Real = Field(1.0, gt=0, le=1024, description="CPUs reserved by each trial; TF uses that many")
     gpus_per_trial: Real = Field(0.0, ge=0, le=64, description="GPUs per trial; fractions share a GPU")
     mixed_precision: MixedPrecision = Field(
-        False,
+        True,
         description="16-bit compute with float32 weights. true: where the trial's hardware computes 16 bits natively "
         "(float16 on GPUs with tensor cores, bfloat16 on CPUs with AVX512-BF16 or AMX), float32 elsewhere; "
         "float16, bfloat16: that type wherever the trial runs; false: float32",
@@ -127,15 +152,23 @@ class TrainSettings(BaseModel):
         description="random: Tune's random sampling, grid entries expanded; optuna, hyperopt: TPE, each trial "
         "suggested from the results before it; bohb: BOHB (with scheduler bohb)",
     )
-    scheduler: Literal["asha", "fifo", "hyperband", "bohb", "pbt"] = Field(
-        "asha",
-        description="asha: stop weak trials early; fifo: run all; hyperband: synchronous successive halving; "
-        "bohb: HyperBand for searcher bohb; pbt: population based training",
+    scheduler: Literal["halving", "asha", "fifo", "hyperband", "bohb", "pbt"] = Field(
+        "halving",
+        description="halving: synchronous successive halving over epochs, its last rung planned within "
+        "time_budget_s (stages/training/halving.py); asha: stop weak trials early; fifo: run all; hyperband: "
+        "HyperBand's brackets; bohb: HyperBand for searcher bohb; pbt: population based training",
     )
-    grace_period: int = Field(2, ge=1, le=1000, description="asha: epochs every trial gets before it may be stopped")
+    grace_period: int = Field(
+        2, ge=1, le=1000, description="halving, asha: epochs every trial gets before it may be stopped"
+    )
     # ASHA makes log(epochs / grace_period) / log(reduction_factor) rungs: a factor near 1 makes billions
     reduction_factor: Real = Field(
-        2.0, ge=1.1, le=100, description="asha, hyperband, bohb: 1/reduction_factor of trials go on at each rung"
+        3.0, ge=1.1, le=100,
+        description="halving, asha, hyperband, bohb: 1/reduction_factor of trials go on at each rung",
+    )
+    finalists: int = Field(
+        4, ge=1, le=MAX_TRIALS,
+        description="halving: trials that train the last rung, the longest (the ensemble's members come from them)",
     )
     pbt_interval: int = Field(
         2, ge=1, le=1000,
@@ -146,8 +179,9 @@ class TrainSettings(BaseModel):
         None, gt=0, le=1, description="end the whole search once any trial reaches this val_accuracy; null: no target"
     )
     time_budget_s: Real | None = Field(
-        None, gt=0, le=MAX_BUDGET_S,
-        description="end the whole search this many seconds after it started (in this attempt); null: no budget",
+        1800.0, gt=0, le=MAX_BUDGET_S,
+        description="end the whole search this many seconds after it started (in this attempt); halving plans its "
+        "last rung to end 5 % before it (room for the evaluation); null: no budget",
     )
     # each kept checkpoint is a copy of the model in the run folder, per trial
     # while it runs; what a finished search keeps is slim_checkpoints' business
@@ -165,16 +199,26 @@ class TrainSettings(BaseModel):
     max_failures: int = Field(
         2, ge=-1, le=100, description="retries of a crashed trial from its last checkpoint; -1: forever"
     )
+    warm_start: list[str] = Field(
+        default_factory=list, max_length=100,
+        description="earlier runs (ids under run.root, folders or URIs) whose trials seed this search: the random "
+        "searcher tries their best settings first, optuna starts its model from all their results",
+    )
+    trial_seed: int | None = Field(
+        None, ge=0, lt=2**31,
+        description="every trial's seed (initial weights, data order, dropout and augmentation); null: each trial's "
+        "own, derived from run.seed and its index. export-config sets it to retrain one trial exactly",
+    )
+    lr_cycle_ends: list[int] = Field(
+        default_factory=list, max_length=1000,
+        description="epochs at which the learning-rate schedule's cycles end, the last ending the schedule (what "
+        "halving's rungs give a promoted trial); empty: one cycle over epochs. export-config sets them",
+    )
     include_base_trial: bool = Field(
         True, description="run the `model` section's values as they are as the first trial (one of num_samples)"
     )
     search_space: dict[str, Distribution] = Field(
-        default_factory=lambda: {
-            "learning_rate": Distribution(kind="loguniform", args=(3.0e-4, 3.0e-3)),
-            "dropout": Distribution(kind="uniform", args=(0.2, 0.5)),
-            "batch_size": Distribution(kind="choice", args=(64, 128, 256)),
-            "lr_schedule": Distribution(kind="choice", args=("constant", "cosine")),
-        },
+        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE),
         description="hyperparameter: {distribution: arguments}; see stages/training/train_settings.py",
     )
 
@@ -250,6 +294,23 @@ class TrainSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _warm_start_fits(self) -> "TrainSettings":
+        if self.warm_start and self.searcher not in ("random", "optuna"):
+            raise ValueError(f"warm_start: searcher {self.searcher} takes no earlier results; use random (which tries "
+                             "the earlier runs' best settings first) or optuna (which starts its model from them)")
+        return self
+
+    @model_validator(mode="after")
+    def _cycles_fit(self) -> "TrainSettings":
+        ends = self.lr_cycle_ends
+        if ends and (ends[0] < 1 or any(a >= b for a, b in zip(ends, ends[1:]))):
+            raise ValueError(f"lr_cycle_ends: {clip(ends)} must be increasing epochs from 1")
+        if ends and self.scheduler == "halving":
+            raise ValueError("lr_cycle_ends: scheduler halving ends each trial's cycles at its rungs itself; "
+                             "use another scheduler (fifo) with lr_cycle_ends")
+        return self
+
+    @model_validator(mode="after")
     def _scheduler_fits(self) -> "TrainSettings":
         """Refuses a scheduler setting that would do nothing, or not what it says."""
         if self.scheduler == "pbt":
@@ -268,7 +329,7 @@ class TrainSettings(BaseModel):
                 raise ValueError(f"pbt_interval: {self.pbt_interval} is not below epochs ({self.epochs}): PBT would "
                                  "never perturb a trial")
         limit = self.max_concurrent_trials
-        if self.scheduler in ("hyperband", "pbt") and limit is not None and limit < self.trial_count:
+        if self.scheduler in ("halving", "hyperband", "pbt") and limit is not None and limit < self.trial_count:
             raise ValueError(
                 f"max_concurrent_trials: {limit} is below the {self.trial_count} trials, and scheduler "
                 f"{self.scheduler} pauses trials until the others catch up while paused trials keep their slots: "
@@ -278,8 +339,23 @@ class TrainSettings(BaseModel):
         return self
 
     def param_space(self, base: Hyperparameters) -> dict:
-        """Tune's param_space: the base hyperparameters with the searched ones replaced by distributions."""
-        return {**base.model_dump(), **{name: spec.to_tune() for name, spec in self.search_space.items()}}
+        """Tune's param_space: the base hyperparameters with the searched ones replaced by distributions; with
+        scheduler halving, the first rung's end too (stages.training.halving)."""
+        space = {**base.model_dump(), **{name: spec.to_tune() for name, spec in self.search_space.items()}}
+        if self.scheduler == "halving":
+            space[RUNGS_KEY] = [self.halving_plan().first_rung_end(self.epochs)]
+        elif self.lr_cycle_ends:
+            space[RUNGS_KEY] = list(self.lr_cycle_ends)
+        return space
+
+    def halving_plan(self):
+        """scheduler halving's rungs (stages.training.halving.HalvingPlan)."""
+        from stages.training.halving import HalvingPlan
+
+        return HalvingPlan.make(
+            num_samples=self.trial_count, grace_period=self.grace_period, reduction_factor=self.reduction_factor,
+            finalists=self.finalists, max_epochs=self.epochs,
+        )
 
 
 def base_trial_problem(settings: TrainSettings, base: Hyperparameters) -> str | None:
@@ -337,7 +413,8 @@ def unrepeatable_because(settings: TrainSettings, concurrent_trials: int) -> str
                 "how far the other trials got when one reaches target_val_accuracy depends on their speed "
                 "(max_concurrent_trials: 1 repeats exactly)"
             )
-    if settings.time_budget_s is not None:
+    # halving plans its last rung within the budget instead of being cut by it: the plan (printed) is what may vary
+    if settings.time_budget_s is not None and settings.scheduler != "halving":
         reasons.append(
             "where time_budget_s falls depends on the machine's speed and load (time_budget_s: null, with "
             "num_samples or target_val_accuracy to bound the search, repeats exactly)"
@@ -354,7 +431,10 @@ def did_you_mean(name: str, candidates) -> str:
     # a name far longer than every candidate is close to none; difflib would only spend time on it
     plausible = isinstance(name, str) and len(name) <= 2 * max(map(len, candidates), default=0)
     close = difflib.get_close_matches(name, list(candidates), n=1) if plausible else []
-    return f" (did you mean '{close[0]}'?)" if close else f" (one of: {', '.join(candidates)})"
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    names = list(candidates)
+    return f" (one of: {', '.join(names[:MAX_LISTED])}{', …' if len(names) > MAX_LISTED else ''})"
 
 
 class _ShortRepr(reprlib.Repr):
@@ -376,6 +456,7 @@ class _ShortRepr(reprlib.Repr):
 
 
 CLIP = 60  # characters of a bad value an error message quotes
+MAX_LISTED = 12  # names an "unknown key" message lists
 _SHORT_REPR = _ShortRepr(CLIP)
 
 

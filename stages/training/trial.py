@@ -24,6 +24,9 @@ from stages.common.errors import TrainingError
 from stages.preprocess import LabeledImages
 from stages.training.hyperparameters import Hyperparameters
 from stages.training.precision import MixedPrecision, global_dtype_policy, use_dtype_policy
+from stages.training.train_settings import RUNGS_KEY
+
+_STATE_ONLY = ("steps_per_epoch", "iterations", "learning_rate")  # in state.json beside the epoch's metrics
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +149,22 @@ def run_trial(
     cpus: float,
     seed: int,
     mixed_precision: MixedPrecision = False,
+    fixed_seed: int | None = None,
 ) -> None:
     """Tune function trainable. `config` holds one sample of the hyperparameters.
 
     Reports after every epoch: epoch, train_loss, train_accuracy, val_loss, val_accuracy, images_per_second,
-    node_id, trial_seed and dtype_policy (what `mixed_precision` came to on the trial's node:
-    stages.training.precision); and a checkpoint holding the model with its optimizer state, so a retried or restored
-    trial continues where it stopped.
+    node_id, trial_seed, dtype_policy (what `mixed_precision` came to on the trial's node:
+    stages.training.precision) and end_learning_rate (the next step's); and a checkpoint holding the model with its
+    optimizer state, so a retried or restored trial continues where it stopped.
 
-    The trial's seed is `trial_seed(seed, trial_key(...))`: it sets the initial weights and the random layers' seeds
-    (through `keras.utils.set_random_seed` before the model is built), and with the epoch the order of the images and
-    the random layers' state in that epoch.
+    The learning-rate schedule runs over `epochs`, or with successive halving (RUNGS_KEY in `config`, see
+    `split_config`) one cycle per rung, the last ending at the trial's current rung; the trial trains on past it
+    until the scheduler pauses (a promotion then restores it with a longer config) or stops it.
+
+    The trial's seed is `fixed_seed`, or else `trial_seed(seed, trial_key(...))`: it sets the initial weights and the
+    random layers' seeds (through `keras.utils.set_random_seed` before the model is built), and with the epoch the
+    order of the images and the random layers' state in that epoch.
 
     A checkpoint (a retry, Tuner.restore, or PBT's exploit, which brings another trial's checkpoint and a perturbed
     config) goes into a model built from the trial's current config: see `restore_checkpoint`.
@@ -184,21 +192,36 @@ def run_trial(
     keras.backend.clear_session()  # a reused process (train.reuse_actors): the last trial's model and state go
     policy = use_dtype_policy(mixed_precision)  # after clear_session, which resets the policy to float32
     context = tune.get_context()
-    seed_of_trial = trial_seed(seed, trial_key(context.get_trial_id(), context.get_trial_dir()))
-    hp = Hyperparameters.model_validate({key: to_python(value) for key, value in config.items()})
+    seed_of_trial = fixed_seed if fixed_seed is not None else trial_seed(
+        seed, trial_key(context.get_trial_id(), context.get_trial_dir())
+    )
+    hp, rungs = split_config(config)
+    schedule_epochs = rungs[-1] if rungs else epochs
     threads = max(1, math.floor(cpus))
     steps_per_epoch = math.ceil(len(train_data) / hp.batch_size)
     keras.utils.set_random_seed(seed_of_trial)
-    model = build_model(hp, decay_steps=epochs * steps_per_epoch)
+    model = build_model(
+        hp,
+        decay_steps=schedule_epochs * steps_per_epoch,
+        cycle_ends=[end * steps_per_epoch for end in rungs[:-1]] if rungs else None,
+        steps_per_epoch=steps_per_epoch,
+    )
     validation_batches = make_dataset(validation_data, EVAL_BATCH_SIZE, threads=threads)
 
-    first_epoch = 0
+    first_epoch, reached = 0, None
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             first_epoch = restore_checkpoint(model, Path(folder), steps_per_epoch=steps_per_epoch)
+            if rungs and first_epoch >= rungs[-1]:
+                reached = _read_state(Path(folder) / CHECKPOINT_STATE)
 
     startup_seconds = time.perf_counter() - entered  # TensorFlow's import, the model, the restore
+    if reached is not None:
+        # restored at the end of its rung (a restored experiment starts every waiting trial): its result again, for
+        # successive halving to pause it there rather than train past its cycle
+        tune.report({**{key: value for key, value in reached.items() if key not in _STATE_ONLY},
+                     "repeated": True, "startup_seconds": startup_seconds})
     checkpoint_seconds = 0.0
     for epoch in range(first_epoch, epochs):
         order = epoch_order(seed_of_trial, epoch, len(train_data))
@@ -219,6 +242,7 @@ def run_trial(
             "node_id": node_id,  # which Ray node trained this epoch (a retried trial may move)
             "trial_seed": seed_of_trial,
             "dtype_policy": policy,  # what train.mixed_precision came to on this node
+            "end_learning_rate": float(model.optimizer.learning_rate),  # the next step's: ~0 where a cycle ends
             # where the trial's time goes (benchmarks/ adds them up): the first epoch a process trains carries the
             # process's start-up; checkpoint_seconds is the save of the epoch before (this one's is not over yet)
             "startup_seconds": startup_seconds if epoch == first_epoch else 0.0,
@@ -241,6 +265,18 @@ def run_trial(
             metrics["checkpoint_bytes"] = sum(file.stat().st_size for file in Path(folder).iterdir())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         checkpoint_seconds = time.perf_counter() - saving  # the save, its upload to storage and Tune's round trip
+
+
+def split_config(config: dict) -> tuple[Hyperparameters, list[int]]:
+    """A trial's config as its hyperparameters and its rungs (RUNGS_KEY: the epochs at which successive halving
+    decides on it, one learning-rate cycle ending at each; empty: one cycle over train.epochs)."""
+    plain = {key: to_python(value) for key, value in config.items()}
+    rungs = plain.pop(RUNGS_KEY, None) or []
+    if not isinstance(rungs, list) or not all(type(end) is int and end > 0 for end in rungs) or rungs != sorted(
+        set(rungs)
+    ):
+        raise TrainingError(f"{RUNGS_KEY} must be increasing epoch numbers, got {rungs!r}")
+    return Hyperparameters.model_validate(plain), rungs
 
 
 def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:

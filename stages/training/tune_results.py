@@ -14,6 +14,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from stages.common.errors import TrainingError
 from stages.evaluation.metrics import TopTrial, TrialSummary
+from stages.training.train_settings import RUNGS_KEY
 from stages.training.trial import to_python
 
 METRIC, MODE = "val_accuracy", "max"
@@ -115,13 +116,15 @@ def _trial_summary(result: tune.Result, per_epoch) -> TrialSummary:
     return TrialSummary(
         trial_id=(result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1],
         status="ERROR" if result.error else "TERMINATED",
-        hyperparameters={k: to_python(v) for k, v in (result.config or {}).items()},
+        hyperparameters={k: to_python(v) for k, v in (result.config or {}).items() if k != RUNGS_KEY},
         epochs=int(per_epoch["epoch"].max()) if has_history else 0,
         best_val_accuracy=float(per_epoch[METRIC].max()) if has_history else None,
         nodes=sorted(per_epoch["node_id"].dropna().unique().tolist()) if has_history and "node_id" in per_epoch
         else [],
         error=one_line(result.error) if result.error else None,
         val_accuracy_by_epoch=per_epoch[METRIC].astype(float).tolist() if has_history else [],
+        rungs=[int(end) for end in (result.config or {}).get(RUNGS_KEY) or []],
+        trial_seed=int(per_epoch["trial_seed"].iloc[-1]) if has_history and "trial_seed" in per_epoch else None,
     )
 
 
