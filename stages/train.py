@@ -134,6 +134,8 @@ def train(
         )
         return _finish(_summarize(_fit(tuner, storage_path), storage_path, experiment, experiment), settings)
     slots = concurrent_trials(settings)
+    ending = _search_stopper(settings, experiment)
+    stopper = CombinedStopper(EpochsDone(settings.epochs), ending) if ending else EpochsDone(settings.epochs)
     if settings.scheduler == "halving":
         _say(f"plan: {settings.halving_plan().describe(settings.epochs, settings.time_budget_s)}; {slots} at a time"
              + (f"; time budget {format_seconds(settings.time_budget_s)}" if settings.time_budget_s is not None
@@ -152,7 +154,7 @@ def train(
         run_config=tune.RunConfig(
             name=experiment_name,
             storage_path=storage_path,
-            stop=_stopper(settings, experiment),
+            stop=stopper,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=settings.checkpoints_to_keep,
                 checkpoint_score_attribute=METRIC,
@@ -165,6 +167,7 @@ def train(
                 # the console's lines (stages.training.progress)
                 SearchProgress(settings.trial_count, settings.epochs, time_budget_s=_eta_budget(settings)),
                 PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
+                *([ending] if ending is not None else []),  # its on_checkpoint: when the search may end
                 *callbacks,
             ],
             verbose=1,  # the trial table as it changes; per-trial result boxes would drown it
@@ -209,15 +212,15 @@ def concurrent_trials(settings: TrainSettings) -> int:
     return max(1, math.floor(min(fits)))
 
 
-def _stopper(settings: TrainSettings, experiment: str) -> tune.Stopper:
-    epochs_done = EpochsDone(settings.epochs)
+def _search_stopper(settings: TrainSettings, experiment: str) -> SearchStopper | None:
+    """What ends the whole search early (a target accuracy, a time budget), if anything does."""
     if settings.target_val_accuracy is None and settings.time_budget_s is None:
-        return epochs_done
-    return CombinedStopper(epochs_done, SearchStopper(
+        return None
+    return SearchStopper(
         target_val_accuracy=settings.target_val_accuracy,
         time_budget_s=settings.time_budget_s,
         reason_file=storage.join(experiment, STOP_REASON_FILE),
-    ))
+    )
 
 
 def _fit(tuner: tune.Tuner, storage_path: str) -> tune.ResultGrid:

@@ -215,14 +215,16 @@ class EpochsDone(tune.Stopper):
         return False
 
 
-class SearchStopper(tune.Stopper):
+class SearchStopper(tune.Stopper, tune.Callback):
     """Ends the whole search when a trial reports val_accuracy at or above the target, or when the time budget is
     spent (counted from the search's start in this attempt). Why it stopped is kept here, and written to
     `reason_file` for whoever reads the experiment later.
 
     From then on, a trial that reports is stopped there, its checkpoint kept (the one that reached the target first
-    of all). Once no result has come for QUIET_S, Tune stops every trial still running or waiting (their checkpoints
-    so far stay) and asks the searcher for no more.
+    of all). Once Tune has registered that checkpoint (this is also the experiment's callback: on_checkpoint), or
+    once no result has come for QUIET_S, Tune stops every trial still running or waiting (their checkpoints so far
+    stay) and asks the searcher for no more: on a fast machine a trial's epoch takes less than QUIET_S, and waiting
+    for quiet let trials that started after the target train an epoch.
 
     Tune saves the stopper with the experiment's state and a restored experiment uses that copy: a search that ended
     stays ended, and a restored budget starts counting anew.
@@ -235,15 +237,22 @@ class SearchStopper(tune.Stopper):
         self.reason: str | None = None
         self._started: float | None = None
         self._last_result: float | None = None
+        self._reaching_trial: str | None = None  # whose result reached the target, until its checkpoint is Tune's
+        self._checkpoint_kept = False
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         self._last_result = time.monotonic()
         if self.reason is None and self.target_val_accuracy is not None:
             reached = result.get(METRIC)
             if isinstance(reached, (int, float)) and reached >= self.target_val_accuracy:
+                self._reaching_trial = trial_id
                 self._stop(f"target {METRIC} {self.target_val_accuracy:g} reached by trial {trial_id} at epoch "
                            f"{result.get('epoch')} ({METRIC} {reached:.4f})")
         return self.reason is not None
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        if self._reaching_trial is not None and trial.trial_id == self._reaching_trial:
+            self._checkpoint_kept = True  # registered with the result that reached the target
 
     def stop_all(self) -> bool:
         now = time.monotonic()
@@ -251,7 +260,9 @@ class SearchStopper(tune.Stopper):
             self._started = now
         if self.reason is None and self.time_budget_s is not None and now - self._started >= self.time_budget_s:
             self._stop(f"time budget of {self.time_budget_s:g} s spent")
-        return self.reason is not None and (self._last_result is None or now - self._last_result >= QUIET_S)
+        return self.reason is not None and (
+            self._checkpoint_kept or self._last_result is None or now - self._last_result >= QUIET_S
+        )
 
     def _stop(self, reason: str) -> None:
         self.reason = reason
