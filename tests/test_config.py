@@ -52,9 +52,11 @@ def test_quick_config_is_repeatable_on_two_cpus():
     assert unrepeatable_because(config.train.model_copy(update={"scheduler": "asha"}), concurrent_trials=2)
 
 
-def test_best_config_trains_one_trial_on_both_cpus_and_gates_on_99_5_percent():
+def test_best_config_replays_a_default_runs_winner_as_one_trial_and_gates_on_99_5_percent():
     config = load_config(CONFIGS / "best.yaml")
-    assert config.train.scheduler == "fifo" and config.train.trial_count == 1 and config.train.cpus_per_trial == 2
+    assert config.train.scheduler == "fifo" and config.train.trial_count == 1 and not config.train.search_space
+    assert config.train.trial_seed is not None and config.train.lr_cycle_ends[-1] >= config.train.epochs
+    assert "export-config RUN` printed these settings" in (CONFIGS / "best.yaml").read_text()
     assert config.evaluate.min_test_accuracy == 0.995
     assert config.model.batch_norm and config.model.augment_shift > 0 and config.model.label_smoothing > 0
     from stages.training.train_settings import unrepeatable_because
