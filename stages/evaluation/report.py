@@ -93,7 +93,7 @@ def _curves(inputs: ReportInputs) -> bytes:
         if len(history) < inputs.epochs or trial.status == "ERROR":  # cut short: mark where it stopped
             axes.plot(len(history), history[-1], marker="x", markersize=9, color=_STOPPED if not best else _ACCENT,
                       zorder=4)
-    axes.plot([], [], marker="x", linestyle="none", color=_STOPPED, label="stopped early (ASHA) or failed")
+    axes.plot([], [], marker="x", linestyle="none", color=_STOPPED, label="stopped early (by the scheduler) or failed")
     axes.set_xlabel("epoch")
     axes.set_ylabel("validation accuracy")
     axes.set_xlim(0.5, max(inputs.epochs, 1) + 0.5)
