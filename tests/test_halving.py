@@ -8,7 +8,6 @@ validation accuracy at the rung, a promotion that kept the old schedule, or a bu
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -107,9 +106,7 @@ def test_each_rung_promotes_its_best_trials_on_validation_and_their_schedule_cov
 
 def test_the_budget_plans_the_last_rung_and_the_search_ends_inside_it(data, tmp_path, capsys):
     budget = 40.0
-    started = time.monotonic()
     outcome = search(data, tmp_path, halving(num_samples=4, epochs=500, time_budget_s=budget))
-    took = time.monotonic() - started
     printed = capsys.readouterr().out
     assert "[search] plan: 4 trials x 1 epoch; the best 2 train on as long as the time budget allows" in printed
     trials = trials_in_order(Path(outcome.experiment_path))
@@ -118,6 +115,8 @@ def test_the_budget_plans_the_last_rung_and_the_search_ends_inside_it(data, tmp_
     last = finalists[0]["rows"][-1]["config"][RUNGS_KEY][-1]
     assert f"go on to epoch {last} " in printed
     assert 2 < last < 500, "the last rung's length comes from the budget, not from epochs"
-    assert all(epochs_of(t)[-1] == last for t in finalists), "both finalists train exactly the planned rung"
-    assert outcome.stop_reason is None, "the plan ends the search before the budget's stopper has to"
-    assert took < 2 * budget, "a budget ignored would train 500 epochs"
+    # none trains past the planned rung; on a machine slowed down after the plan, the budget's stopper may end them
+    # before it, and then says so
+    assert all(epochs_of(t)[-1] <= last for t in finalists)
+    if any(epochs_of(t)[-1] < last for t in finalists):
+        assert outcome.stop_reason and outcome.stop_reason.startswith("time budget")
