@@ -12,9 +12,9 @@ from typing import Callable
 TRAIN_TASK_TITLE = "ray::train_task"  # the process title Ray gives a worker while it runs train_task
 
 
-def stop_train_tasks(grace_s: float, hurry: Callable[[], bool] = lambda: False) -> int:
+def stop_train_tasks(grace_s: float, hurry: Callable[[], bool] = lambda: False) -> tuple[int, int]:
     """Asks the train tasks of the local Ray this driver started to stop, and waits until they did (at most
-    `grace_s` seconds, less once `hurry()` is true); returns how many there were.
+    `grace_s` seconds, less once `hurry()` is true); returns how many there were and how many still run.
 
     SIGTERM makes a train task end Tune's loop as Ctrl-C ends it in a plain Tune script: the experiment's state is
     written one last time, the trials are stopped (see stages.train). A joined cluster's train task has no such
@@ -26,12 +26,14 @@ def stop_train_tasks(grace_s: float, hurry: Callable[[], bool] = lambda: False) 
             process.send_signal(signal.SIGTERM)
         except Exception:  # gone already
             pass
+
+    def running() -> int:
+        return sum(_title(process).startswith(TRAIN_TASK_TITLE) for process in tasks)
+
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not hurry() and any(
-        _title(process).startswith(TRAIN_TASK_TITLE) for process in tasks
-    ):
+    while time.monotonic() < deadline and not hurry() and running():
         time.sleep(0.1)
-    return len(tasks)
+    return len(tasks), running()
 
 
 def descendants() -> list:

@@ -28,8 +28,12 @@ def stop_tune(run) -> None:
     that and the epochs under way."""
     log.warning("run %s: %s received: stopping (Tune saves the experiment, Ray shuts down)", run.run_id,
                 STOP.name())
-    if stop_train_tasks(STOP_GRACE_S, hurry=lambda: STOP.repeated):
+    asked, running = stop_train_tasks(STOP_GRACE_S, hurry=lambda: STOP.repeated)
+    if asked and not running:
         log.info("run %s: the Tune experiment stopped", run.run_id)
+    elif running:
+        log.warning("run %s: the Tune experiment did not stop in time: Ray ends it (its state saved last counts)",
+                    run.run_id)
 
 
 def remove_partial_files(run, config) -> None:

@@ -6,6 +6,7 @@ import gzip
 import http.server
 import os
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -159,12 +160,24 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             time.sleep(0.5)
 
 
+class LoopbackServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server whose handler threads say nothing when a client hangs up mid-answer (a download
+    that gave up, timed out or was killed): the traceback socketserver prints for it would land in the stderr of
+    whichever test runs beside it in this process."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="session")
 def mirror_server(mnist_mirror):
     """A loopback HTTP server over the real MNIST files, for the whole test session; see MirrorHandler."""
     state = {"folder": mnist_mirror, "requests": [], "authorizations": [], "flaky_seen": set()}
     handler = type("Handler", (MirrorHandler,), state)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = LoopbackServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.base_url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, gzip_bomb
+from conftest import REPO, LoopbackServer, gzip_bomb
 from peak_memory import OWN_PEAK
 
 from stages.download import CANONICAL_FILES
@@ -209,7 +209,7 @@ def test_a_mirror_whose_certificate_is_not_trusted_is_not_retried(tmp_path, mnis
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = LoopbackServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)

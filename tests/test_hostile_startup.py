@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import LoopbackServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def closed_port() -> int:
 @pytest.fixture(scope="module")
 def web_server():
     """An HTTP/1 server on loopback: a port that answers, but not as Ray."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server = LoopbackServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
