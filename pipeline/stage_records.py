@@ -37,7 +37,7 @@ _STAGE_CODE = {
         "stages.train", "stages.training.tune_results", "stages.training.trial", "stages.training.model",
         "stages.training.hyperparameters", "stages.training.train_settings", "stages.training.search_algorithms",
         "stages.training.bohb_search", "stages.training.trial_logs", "stages.training.finished_checkpoints",
-        "stages.training.halving", "stages.training.precision",
+        "stages.training.halving", "stages.training.precision", "stages.training.fused_batch_norm",
     ),
     "evaluate": (
         "stages.evaluate", "stages.evaluation.metrics", "stages.evaluation.ensemble", "stages.training.tune_results",

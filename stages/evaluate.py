@@ -77,6 +77,7 @@ def load_checkpoint_model(checkpoint: Path):
     precision it trained in (stages.training.precision.in_float32)."""
     import keras
 
+    import stages.training.model  # noqa: F401  (registers our layers, schedules and loss for loading)
     from stages.training.precision import in_float32
 
     return in_float32(keras.models.load_model(checkpoint / EXPORTED_MODEL, safe_mode=True, compile=False))

@@ -165,7 +165,9 @@ def train(
             callbacks=[
                 JsonLog(), CsvLog(),  # Tune's own loggers lose rows when a trial restarts (stages.training.trial_logs)
                 # the console's lines (stages.training.progress)
-                SearchProgress(settings.trial_count, settings.epochs, time_budget_s=_eta_budget(settings)),
+                SearchProgress(settings.trial_count, settings.epochs, time_budget_s=_eta_budget(settings),
+                               halving_rungs=len(settings.halving_plan().rungs) if settings.scheduler == "halving"
+                               else 0),
                 PreloadForEvaluation(),  # TensorFlow for the evaluate task, on the search's idle cores
                 *([ending] if ending is not None else []),  # its on_checkpoint: when the search may end
                 *callbacks,

@@ -95,7 +95,8 @@ def test_a_file_merges_onto_the_defaults_section_by_section(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("train:\n  epochs: 3\n  search_space:\n    dropout: {choice: [0.3]}\n")
     config = load_config(path, ["train.epochs=4"])
-    assert config.train.epochs == 4 and config.train.num_samples == 12 and config.data == Config().data
+    assert config.train.epochs == 4 and config.train.num_samples == Config().train.num_samples == 16
+    assert config.data == Config().data
     assert set(config.train.search_space) == {"dropout"}  # a search space in a file replaces the default one
 
 

@@ -8,6 +8,7 @@ validation accuracy at the rung, a promotion that kept the old schedule, or a bu
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def search(data, root: Path, settings: TrainSettings):
 
 
 @pytest.mark.parametrize("samples, grace, factor, finalists, epochs, rungs, last", [
-    (12, 1, 3.0, 4, 30, ((12, 1),), 4),  # the default: 12 trials of an epoch, the best 4 to the end
+    (12, 1, 3.0, 4, 30, ((12, 1),), 4),
+    (16, 2, 2.0, 4, 20, ((16, 2), (8, 4)), 4),  # the default: 16 trials of 2 epochs, 8 of 4, the best 4 to the end
     (36, 1, 3.0, 4, 30, ((36, 1), (12, 3)), 4),
     (16, 1, 2.0, 2, 30, ((16, 1), (8, 2), (4, 4)), 2),
     (40, 2, 3.0, 4, 30, ((40, 2), (13, 6)), 4),
@@ -68,6 +70,13 @@ def test_the_last_rung_is_as_long_as_the_time_left_allows_for_its_trials_side_by
     assert final_epochs(start_epochs=start, epoch_seconds=seconds, slots=8, seconds_left=600, max_epochs=100) == 3 + 29
     # no time left: one more epoch all the same (the budget's stopper ends the search in time)
     assert final_epochs(start_epochs=start, epoch_seconds=seconds, slots=2, seconds_left=0, max_epochs=100) == 4
+    # in steps: below the cap, the last rung ends at a multiple of `step` (22 -> 20); the cap itself is kept
+    assert final_epochs(start_epochs=start, epoch_seconds=seconds, slots=2, seconds_left=600, max_epochs=100,
+                        step=4) == 20
+    assert final_epochs(start_epochs=start, epoch_seconds=seconds, slots=2, seconds_left=600, max_epochs=22,
+                        step=4) == 22
+    assert final_epochs(start_epochs=start, epoch_seconds=seconds, slots=2, seconds_left=0, max_epochs=100,
+                        step=4) == 4
 
 
 def test_settings_refuse_a_limit_on_trials_at_once_that_paused_trials_would_fill():
@@ -104,6 +113,23 @@ def test_each_rung_promotes_its_best_trials_on_validation_and_their_schedule_cov
     assert outcome.best_trial_id in {t["id"] for t in promoted}
 
 
+def test_a_model_based_searcher_under_halving_suggests_and_promotes_the_same_trials_again(data, tmp_path, caplog):
+    """Optuna's TPE with two trials at once: every trial is suggested before any finishes (all pause at the first
+    rung), so the run says nothing about repeatability and the same seed gives the same trials and promotions."""
+    tpe = halving(searcher="optuna", num_samples=4, finalists=2, epochs=2, reduction_factor=2.0)
+    runs = []
+    for attempt in ("one", "two"):
+        with caplog.at_level(logging.INFO, logger="stages.train"):
+            outcome = search(data, tmp_path / attempt, tpe)
+        trials = trials_in_order(Path(outcome.experiment_path))
+        runs.append([(t["rows"][0]["config"]["dropout"], t["rows"][0]["config"]["batch_size"],
+                      [(row["epoch"], row["val_accuracy"]) for row in t["rows"]]) for t in trials])
+    assert "cannot be repeated" not in caplog.text
+    assert runs[0] == runs[1], "the same seed must give the same suggestions, promotions and numbers"
+    assert len({(dropout, batch) for dropout, batch, _ in runs[0]}) == 4, "four different suggestions"
+    assert sorted(len(rows) for *_, rows in runs[0]) == [1, 1, 2, 2]
+
+
 def test_the_budget_plans_the_last_rung_and_the_search_ends_inside_it(data, tmp_path, capsys):
     budget = 40.0
     outcome = search(data, tmp_path, halving(num_samples=4, epochs=500, time_budget_s=budget))
@@ -120,3 +146,30 @@ def test_the_budget_plans_the_last_rung_and_the_search_ends_inside_it(data, tmp_
     assert all(epochs_of(t)[-1] <= last for t in finalists)
     if any(epochs_of(t)[-1] < last for t in finalists):
         assert outcome.stop_reason and outcome.stop_reason.startswith("time budget")
+
+
+def test_the_progress_line_counts_trials_waiting_at_a_rung_as_paused():
+    from types import SimpleNamespace
+
+    from stages.training.progress import SearchProgress
+
+    trials = [
+        SimpleNamespace(status=status, trial_id=f"t{i}", config={RUNGS_KEY: [2]}, metric_analysis={},
+                        last_result={"training_iteration": 2 if status == "PAUSED" else 1, "val_accuracy": 0.9})
+        for i, status in enumerate(["PAUSED", "PAUSED", "RUNNING", "PENDING"])
+    ]
+    line = SearchProgress(trials=6, epochs=30).status(trials)
+    assert line.startswith("trials 0 done, 1 running, 2 paused, 3 pending | epochs 6/68 |"), line
+    trials[0].status = trials[1].status = "TERMINATED"
+    assert SearchProgress(trials=6, epochs=30).status(trials).startswith("trials 2 done, 1 running, 3 pending")
+    # how a trial ended: at which rung halving stopped it, or its last rung done
+    lines = []
+    progress = SearchProgress(trials=6, epochs=30, printer=lambda line, **_: lines.append(line), halving_rungs=2)
+    for rungs, epochs in [([2], 2), ([2, 4], 4), ([2, 4, 24], 24), ([2, 4, 24], 9)]:
+        ended = SimpleNamespace(status="TERMINATED", trial_id="t", config={RUNGS_KEY: rungs}, metric_analysis={},
+                                last_result={"training_iteration": epochs, "val_accuracy": 0.99})
+        progress.on_trial_complete(0, [], ended)
+    assert [line.split(": best")[0] for line in lines] == [
+        "[search] trial t stopped at the first rung (epoch 2)", "[search] trial t stopped at rung 2 (epoch 4)",
+        "[search] trial t finished", "[search] trial t stopped early after epoch 9",
+    ]

@@ -220,8 +220,8 @@ def test_batch_norm_normalizes_each_hidden_layer_and_trains(digits):
     keras.utils.set_random_seed(0)
     model = build_model(Hyperparameters(**TINY, batch_norm=True, learning_rate=0.01, batch_size=32))
     assert kinds(model)[3:] == [
-        "Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D", "Conv2D", "BatchNormalization", "ReLU",
-        "MaxPooling2D", "Flatten", "Dropout", "Dense", "BatchNormalization", "ReLU", "Dropout", "Dense",
+        "Conv2D", "FusedBatchNormalization", "ReLU", "MaxPooling2D", "Conv2D", "FusedBatchNormalization", "ReLU",
+        "MaxPooling2D", "Flatten", "Dropout", "Dense", "FusedBatchNormalization", "ReLU", "Dropout", "Dense",
     ]
     normalized = [model.layers[i] for i in (3, 7, 13)]
     assert not any(layer.use_bias for layer in normalized)
@@ -231,6 +231,72 @@ def test_batch_norm_normalizes_each_hidden_layer_and_trains(digits):
     assert np.abs(batch_norm.moving_mean.numpy()).max() > 0  # the statistics of the training batches
     # inference normalizes with those moving statistics, training with the batch's own
     assert not np.allclose(model(images[:32], training=True), model(images[:32], training=False), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=NEEDS_BFLOAT16)])
+def test_fused_batch_norm_computes_what_keras_batch_norm_does(dtype):
+    """Training output, gradients, moving statistics and inference of the fused layer against Keras's own, from the
+    same weights on the same images (channels last); a 2-D input takes Keras's path."""
+    import keras
+    import tensorflow as tf
+
+    from stages.training.fused_batch_norm import FusedBatchNormalization, keras_layer
+
+    rng = np.random.default_rng(0)
+    images = tf.cast(rng.normal(3.0, 2.0, (4, 3, 3, 5)), dtype)  # 36 values a channel: n / (n - 1) shows
+    fused, plain = FusedBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (fused, plain):
+        layer.build(images.shape)
+    fused.set_weights([rng.normal(1, 0.3, 5), rng.normal(0, 0.3, 5), rng.normal(3, 1, 5), rng.uniform(1, 5, 5)])
+    plain.set_weights(fused.get_weights())
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    upstream = rng.normal(size=images.shape).astype("float32")  # a loss whose gradients are not ~0 by symmetry
+    outputs, gradients = [], []
+    for layer in (fused, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            output = layer(images, training=True)
+            loss = tf.reduce_sum(tf.cast(output, "float32") * upstream)
+        outputs.append(output)
+        gradients.append(tape.gradient(loss, [images, layer.gamma.value, layer.beta.value]))
+    np.testing.assert_allclose(*(np.asarray(tf.cast(o, "float32")) for o in outputs), atol=tolerance)
+    for ours, keras_own in zip(*gradients, strict=True):
+        np.testing.assert_allclose(np.asarray(tf.cast(ours, "float32")), np.asarray(tf.cast(keras_own, "float32")),
+                                   atol=tolerance * 10, rtol=tolerance)
+    for ours, keras_own in zip(fused.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, keras_own, rtol=1e-4 if dtype == "float32" else 1e-2)
+    inference = [np.asarray(tf.cast(layer(images, training=False), "float32")) for layer in (fused, plain)]
+    np.testing.assert_allclose(*inference, atol=tolerance)
+    # the class swap for export: Keras's own class, the same config
+    swapped = keras_layer(fused)
+    assert type(swapped) is keras.layers.BatchNormalization and swapped.get_config() == fused.get_config()
+    flat = tf.cast(rng.normal(3.0, 2.0, (8, 5)), dtype)
+    dense_fused, dense_plain = FusedBatchNormalization(), keras.layers.BatchNormalization()
+    np.testing.assert_allclose(np.asarray(tf.cast(dense_fused(flat, training=True), "float32")),
+                               np.asarray(tf.cast(dense_plain(flat, training=True), "float32")), atol=tolerance)
+
+
+def test_an_exported_batch_norm_model_loads_in_plain_keras(digits, tmp_path):
+    """Training uses our fused batch normalization; the model evaluate exports holds Keras's own layers only, so
+    it loads where this package is not imported, and predicts what the trained model predicts."""
+    from stages.evaluate import export_model
+    from stages.training.precision import in_float32
+
+    images, labels = digits
+    model = build_model(Hyperparameters(**TINY, batch_norm=True, batch_size=32))
+    model.fit(images, labels, batch_size=32, epochs=1, verbose=0)
+    export_model(in_float32(model), {}, str(tmp_path))
+    np.save(tmp_path / "images.npy", images[:32])
+    script = (
+        "import sys, keras, numpy as np\n"
+        "model = keras.models.load_model(sys.argv[1] + '/model.keras', safe_mode=True)\n"
+        "assert not [name for name in sys.modules if name.startswith('stages')]\n"
+        "np.save(sys.argv[1] + '/predicted.npy', model.predict(np.load(sys.argv[1] + '/images.npy'), verbose=0))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"), model.predict(images[:32], verbose=0), atol=1e-5)
 
 
 @pytest.mark.parametrize("field", sorted(AUGMENT))
@@ -315,9 +381,10 @@ def test_mixed_precision_computes_in_16_bits_with_float32_weights_and_output(mix
         assert np.isfinite(history.history["loss"][0])
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    # the float32 copy (evaluate, export): the same weights, the same predictions to 16-bit rounding
+    # the float32 copy (evaluate, export): the same weights, the same predictions to 16-bit rounding, Keras's layers
     copy = in_float32(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    assert "FusedBatchNormalization" not in kinds(copy) and "BatchNormalization" in kinds(copy)
     assert copy.input.dtype == "uint8" and [w.dtype for w in copy.weights] == [w.dtype for w in model.weights]
     np.testing.assert_array_equal(copy.get_weights()[0], model.get_weights()[0])
     np.testing.assert_allclose(copy.predict(images, verbose=0), model.predict(images, verbose=0), atol=0.05)
@@ -420,7 +487,7 @@ def test_batch_norm_statistics_keep_up_with_two_epochs_on_a_slice(slice_2500):
     assert bn_momentum(steps) == pytest.approx(0.8) and bn_momentum(430) == 0.99 and bn_momentum(None) == 0.99
     keras.utils.set_random_seed(0)
     model = build_model(hp, decay_steps=2 * steps, steps_per_epoch=steps)
-    assert {layer.momentum for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"} == {0.8}
+    assert {layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.8}
     accuracies = []
     for epoch in range(2):
         model.fit(train.images, train.labels, batch_size=hp.batch_size, epochs=epoch + 1, initial_epoch=epoch,

@@ -136,11 +136,13 @@ def test_what_makes_a_search_unrepeatable():
     asha = unrepeatable_because(settings(scheduler="asha", num_samples=8), 4)
     assert asha.startswith("this search cannot be repeated exactly from run.seed: ASHA compares each trial")
     assert "with 4 trials at once" in asha and "(scheduler hyperband or fifo, or max_concurrent_trials: 1" in asha
-    optuna = unrepeatable_because(settings(searcher="optuna", num_samples=8), 2)
+    optuna = unrepeatable_because(settings(searcher="optuna", scheduler="fifo", num_samples=8), 2)
     assert "Optuna's TPE suggests each trial from the results that arrived before it" in optuna
     assert "max_concurrent_trials: 1 repeats exactly" in optuna
     budget = unrepeatable_because(settings(time_budget_s=60.0), 1)
     assert "where time_budget_s falls depends on the machine's speed" in budget
+    # halving suggests every trial before any finishes: the same suggestions in the same order (test_halving)
+    assert unrepeatable_because(settings(searcher="optuna", scheduler="halving", num_samples=8), 2) is None
     both = unrepeatable_because(settings(searcher="hyperopt", scheduler="asha", num_samples=3), 2)
     assert "ASHA" in both and "HyperOpt's TPE" in both and ". " not in both and both.endswith(")."), both
 

@@ -8,8 +8,10 @@ with room to spare once the finalists reach `epochs` promotes more of the next b
 The rungs are synchronous: a trial that reaches its rung pauses (its slot goes to the next trial) until every trial of
 the rung has reached it, then the rung is decided on validation accuracy alone, ties by trial order. So which trials go
 on never depends on which finished first: with the random searcher the same seed gives the same trials and the same
-promotions. What the budget decides is how long the last rung is: it comes from the measured speed, printed with
-the plan; a machine that runs much slower or faster than before may plan it an epoch or more shorter or longer.
+promotions. What the budget decides is how long the last rung is: it comes from the measured speed, in steps of
+LAST_RUNG_STEP epochs up to `epochs` (printed with the rung's decision), so that the few percent a machine's speed
+varies from run to run rarely change it; a machine that runs much slower or faster than before plans it shorter or
+longer.
 
 Each rung is one learning-rate cycle (the trial's config carries its rungs under RUNGS_KEY: stages.training.model's
 WarmRestarts): a promotion adds a cycle ending at the next rung, so a one-cycle or cosine schedule is always complete
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 
 RESTART_S = 5.0  # a paused trial's restart: its process, the model's build, the checkpoint's load
 RESERVE_FRACTION, MIN_RESERVE_S = 0.05, 10.0  # of the budget, left for what follows the search (evaluate, report)
+# The speed a plan is made from varies: one 2-CPU machine measured its first two rungs 599, 646 and 675 s in three runs
+# within an hour (2026-12-07). So that such noise rarely changes the plan (and every number after it), the last rung
+# ends at a multiple of LAST_RUNG_STEP epochs (or at `epochs`), and a finalist beyond `finalists` is promoted only
+# when the last rung would still reach `epochs` in EXTRA_FINALIST_SHARE of the time left.
+LAST_RUNG_STEP = 4
+EXTRA_FINALIST_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,14 @@ class HalvingPlan:
 
 
 def final_epochs(
-    *, start_epochs: dict[str, int], epoch_seconds: dict[str, float], slots: int, seconds_left: float, max_epochs: int
+    *, start_epochs: dict[str, int], epoch_seconds: dict[str, float], slots: int, seconds_left: float, max_epochs: int,
+    step: int = 1,
 ) -> int:
     """How many epochs the last rung's trials can reach in `seconds_left`: the largest T <= max_epochs such that every
     trial training from its `start_epochs` to T (each epoch taking its measured `epoch_seconds`), `slots` at a time,
-    ends in time. At least one epoch more than the furthest trial has, when that does not fit either: a last rung of
-    no epochs would train nothing (the budget's stopper still ends the search in time)."""
+    ends in time; below max_epochs, rounded down to a multiple of `step`. At least one epoch more than the furthest
+    trial has, when that does not fit either: a last rung of no epochs would train nothing (the budget's stopper still
+    ends the search in time)."""
     furthest = max(start_epochs.values())
 
     def makespan(target: int) -> float:
@@ -87,6 +97,8 @@ def final_epochs(
     target = furthest + 1
     while target < max_epochs and makespan(target + 1) <= seconds_left:
         target += 1
+    if target < max_epochs:
+        target = max(furthest + 1, target // step * step)
     return target
 
 
@@ -271,7 +283,8 @@ class SuccessiveHalving(FIFOScheduler):
             end = self._plan_last_rung(ranked[:keep], waiting)
             # a budget that lets the finalists reach `epochs` with time to spare trains more of them (ensemble members)
             while self.time_budget_s is not None and keep < len(ranked) and end is not None \
-                    and end >= self.max_epochs and self._plan_last_rung(ranked[: keep + 1], waiting) >= self.max_epochs:
+                    and end >= self.max_epochs \
+                    and self._plan_last_rung(ranked[: keep + 1], waiting, EXTRA_FINALIST_SHARE) >= self.max_epochs:
                 keep += 1
             self.last_rung_epochs = end
         else:
@@ -329,8 +342,9 @@ class SuccessiveHalving(FIFOScheduler):
             1, min(self.slots, len(finalists)))
         return need <= self._seconds_left()
 
-    def _plan_last_rung(self, promoted: list[Trial], waiting: dict[Trial, _Member]) -> int | None:
-        """The epoch the last rung of these trials can reach within the budget (final_epochs), or None for none."""
+    def _plan_last_rung(self, promoted: list[Trial], waiting: dict[Trial, _Member], share: float = 1.0) -> int | None:
+        """The epoch the last rung of these trials can reach within `share` of what is left of the budget
+        (final_epochs, in steps of LAST_RUNG_STEP), or None for none."""
         if not promoted:
             return None
         if self.time_budget_s is None:
@@ -339,6 +353,7 @@ class SuccessiveHalving(FIFOScheduler):
             start_epochs={t.trial_id: self._rung_end(t) for t in promoted},
             epoch_seconds={t.trial_id: self._epoch_seconds(t, waiting) for t in promoted},
             slots=self.slots,
-            seconds_left=self._seconds_left(),
+            seconds_left=self._seconds_left() * share,
             max_epochs=self.max_epochs,
+            step=LAST_RUNG_STEP,
         )

@@ -8,9 +8,10 @@ A trial that successive halving promotes from rung to rung trains one learning-r
 each rung ends annealed, so the rung's ranking compares finished models and a promotion never stretches a schedule
 that has already decayed; the next cycle warms up again from the rung's weights (SGDR's warm restarts).
 
-The one-cycle and warm-restart schedules and the label-smoothing loss are our own Keras objects, registered under the
-package `mnist_pipeline`: a model saved with its optimizer loads (`keras.models.load_model(..., safe_mode=True)`) in any
-process that imported this module, and its schedule goes on from the saved iteration.
+The one-cycle and warm-restart schedules, the label-smoothing loss and the fused batch normalization are our own
+Keras objects, registered under the package `mnist_pipeline`: a model saved with its optimizer loads
+(`keras.models.load_model(..., safe_mode=True)`) in any process that imported this module, and its schedule goes on
+from the saved iteration. The exported model holds Keras's own layers only.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import keras
 from keras import layers, ops
 
 from stages.dataset.idx import IMAGE_SHAPE, NUM_CLASSES
+from stages.training.fused_batch_norm import PACKAGE, FusedBatchNormalization
 from stages.training.hyperparameters import Hyperparameters
 
-PACKAGE = "mnist_pipeline"  # the prefix of our registered Keras objects' names in saved models
 ONE_CYCLE_DIV_FACTOR = 25.0  # one_cycle starts at learning_rate / 25 (PyTorch's OneCycleLR default)
 ONE_CYCLE_FINAL_DIV_FACTOR = 1e4  # and ends at learning_rate / 25 / 1e4 (ditto)
 DEFAULT_BN_MOMENTUM = 0.99  # Keras's
@@ -95,11 +96,12 @@ def bn_momentum(steps_per_epoch: int | None) -> float:
 
 def _with_relu(x, layer_class, *args, batch_norm: float | None, **kwargs):
     """`layer_class(*args, activation="relu")` applied to x; with batch_norm (its momentum), the layer without its
-    bias (the normalization's offset takes its place), then BatchNormalization, then the ReLU."""
+    bias (the normalization's offset takes its place), then batch normalization (fused over the convolutions'
+    images), then the ReLU."""
     if batch_norm is None:
         return layer_class(*args, activation="relu", **kwargs)(x)
     x = layer_class(*args, use_bias=False, **kwargs)(x)
-    x = layers.BatchNormalization(momentum=batch_norm)(x)
+    x = FusedBatchNormalization(momentum=batch_norm)(x)
     return layers.ReLU()(x)
 
 

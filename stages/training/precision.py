@@ -132,20 +132,23 @@ def global_dtype_policy(name: str):
 
 
 def in_float32(model):
-    """`model` computing in float32: the model itself where it does, else a copy with its weights.
+    """`model` computing in float32 with Keras's own layers: the model itself where it does, else a copy with its
+    weights.
 
     A model trained in mixed precision keeps its policy in its saved config; evaluate and the export use this copy,
     so the test accuracy is that of the exported model, which then runs on any machine (mixed_bfloat16 does not run
-    on a CPU without bfloat16 instructions, mixed_float16 crawls on CPUs).
+    on a CPU without bfloat16 instructions, mixed_float16 crawls on CPUs) and loads in plain Keras (our fused batch
+    normalization, a training-speed matter, becomes Keras's BatchNormalization).
     """
     import keras
 
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+    from stages.training.fused_batch_norm import FusedBatchNormalization, keras_layer
+
+    if all(
+        layer.dtype_policy.name == "float32" and not isinstance(layer, FusedBatchNormalization)
+        for layer in model.layers
+    ):
         return model
-
-    def float32_layer(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(model, clone_function=float32_layer)
+    copy = keras.models.clone_model(model, clone_function=lambda layer: keras_layer(layer, dtype="float32"))
     copy.set_weights(model.get_weights())
     return copy

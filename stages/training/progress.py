@@ -3,7 +3,7 @@
 The lines are printed by the train task; Ray brings them to the driver's console, where pipeline.console shows them
 as they are (no terminal) or folds the epoch lines into one live line (a terminal). Their shape is fixed:
 
-    [search] <trial> epoch <e>/<epochs>: val_accuracy <acc> | trials <n> done, <n> running, <n> pending
+    [search] <trial> epoch <e>/<epochs>: val_accuracy <acc> | trials <n> done, <n> running[, <n> paused], <n> pending
         | epochs <trained>/<budget> | best <acc> (<trial>) | ETA <time>          (one line)
     [search] trial <trial> finished|stopped early|failed ...
 
@@ -31,8 +31,10 @@ EPOCH_LINE = re.compile(
 class SearchProgress(Callback):
     """A Tune callback that prints the search's progress (see the module's docstring)."""
 
-    def __init__(self, trials: int, epochs: int, printer=print, *, time_budget_s: float | None = None) -> None:
+    def __init__(self, trials: int, epochs: int, printer=print, *, time_budget_s: float | None = None,
+                 halving_rungs: int = 0) -> None:
         self._trials, self._epochs, self._print = trials, epochs, printer
+        self._halving_rungs = halving_rungs  # successive halving's rungs before the last: a trial may stop at each
         self._time_budget_s = time_budget_s  # the ETA never runs past what is left of it
         self._started: float | None = None
         self._trained_here = 0  # epochs reported in this attempt (a restored experiment had others before)
@@ -41,7 +43,7 @@ class SearchProgress(Callback):
         return {**self.__dict__, "_print": None}  # Tune pickles its callbacks with the experiment
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _print=print)
+        self.__dict__.update({"_halving_rungs": 0, **state}, _print=print)
 
     def setup(self, **info) -> None:
         self._started, self._trained_here = time.monotonic(), 0
@@ -61,8 +63,10 @@ class SearchProgress(Callback):
         epochs = _epochs_of(trial)
         best = _best(trial)
         planned, rungs = self._planned(trial), (getattr(trial, "config", None) or {}).get(RUNGS_KEY) or []
-        if len(rungs) == 1 and planned < self._epochs and epochs >= planned:
-            how = f"stopped at the first rung (epoch {epochs})"  # successive halving did not promote it
+        if 0 < len(rungs) <= self._halving_rungs and planned < self._epochs and epochs >= planned:
+            # successive halving did not promote it further
+            how = (f"stopped at the first rung (epoch {epochs})" if len(rungs) == 1
+                   else f"stopped at rung {len(rungs)} (epoch {epochs})")
         else:
             how = "finished" if epochs >= planned else f"stopped early after epoch {epochs}"
         self._print(f"{PREFIX}trial {trial.trial_id} {how}: best {METRIC} {_metric(best)}{_searched(trial)}",
@@ -75,7 +79,7 @@ class SearchProgress(Callback):
     def status(self, trials, reporting=None) -> str:
         """trials done/running/pending, epochs trained of the budget, the best so far and the ETA. `reporting`: the
         (trial, result) being reported, which Tune has not added to the trial yet."""
-        counts = {"done": 0, "running": 0, "pending": 0}
+        counts = {"done": 0, "running": 0, "paused": 0, "pending": 0}
         trained, budget = 0, 0
         scored = []
         for trial in trials:
@@ -92,14 +96,15 @@ class SearchProgress(Callback):
                 counts["done"] += 1
                 budget += epochs  # a stopped trial's remaining epochs leave the budget
             else:
-                counts["running" if trial.status == "RUNNING" else "pending"] += 1
+                counts[{"RUNNING": "running", "PAUSED": "paused"}.get(trial.status, "pending")] += 1
                 budget += max(self._planned(trial), epochs)
         unseen = max(0, self._trials - len(trials))  # a searcher suggests its trials one by one
         counts["pending"] += unseen
         budget += unseen * self._epochs
         best = max(scored, default=None)
+        paused = f"{counts['paused']} paused, " if counts["paused"] else ""  # waiting at a rung (halving, hyperband)
         parts = [
-            f"trials {counts['done']} done, {counts['running']} running, {counts['pending']} pending",
+            f"trials {counts['done']} done, {counts['running']} running, {paused}{counts['pending']} pending",
             f"epochs {trained}/{budget}",
             f"best {_metric(best[0])} ({best[1]})" if best else "best -",
         ]

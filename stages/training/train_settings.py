@@ -130,11 +130,11 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     epochs: int = Field(
-        30, ge=1, le=1000,
+        20, ge=1, le=1000,
         description="epochs per trial at most (halving, asha, hyperband and bohb stop most trials earlier)",
     )
     num_samples: int = Field(
-        12, ge=1, le=10000, description="trials to sample (times the size of any grid); halving: its first rung"
+        16, ge=1, le=10000, description="trials to sample (times the size of any grid); halving: its first rung"
     )
     max_concurrent_trials: int | None = Field(
         None, ge=1, le=MAX_TRIALS, description="trials running at once; null: as many as the cluster's CPUs/GPUs allow"
@@ -163,7 +163,7 @@ class TrainSettings(BaseModel):
     )
     # ASHA makes log(epochs / grace_period) / log(reduction_factor) rungs: a factor near 1 makes billions
     reduction_factor: Real = Field(
-        3.0, ge=1.1, le=100,
+        2.0, ge=1.1, le=100,
         description="halving, asha, hyperband, bohb: 1/reduction_factor of trials go on at each rung",
     )
     finalists: int = Field(
@@ -390,9 +390,11 @@ def unrepeatable_because(settings: TrainSettings, concurrent_trials: int) -> str
       concurrent_trials: how many trials can run at once: max_concurrent_trials, or what the cluster's CPUs and GPUs
         allow. A search with fewer trials than that runs them all at once.
 
-    What stays repeatable at any concurrency: the random searcher's samples (seeded), fifo, hyperband and bohb's
-    brackets (synchronous: each rung is decided once all its trials reported) and pbt (run synchronously, its random
-    draws seeded in the Tune driver).
+    What stays repeatable at any concurrency: the random searcher's samples (seeded), halving's rungs, fifo,
+    hyperband and bohb's brackets (synchronous: each rung is decided once all its trials reported) and pbt (run
+    synchronously, its random draws seeded in the Tune driver). Under halving a model-based searcher repeats too:
+    every trial starts in the first rung, and no trial finishes before all of them reached it, so each suggestion is
+    made from the same results (none of this run's; warm_start's earlier trials) in the same order.
     """
     at_once = min(concurrent_trials, settings.trial_count)
     reasons = []
@@ -403,7 +405,7 @@ def unrepeatable_because(settings: TrainSettings, concurrent_trials: int) -> str
                 "trials at once which one reports first varies (scheduler hyperband or fifo, or "
                 "max_concurrent_trials: 1, repeat exactly)"
             )
-        if settings.searcher in MODEL_BASED:
+        if settings.searcher in MODEL_BASED and settings.scheduler != "halving":
             reasons.append(
                 f"{SEARCHER_NAMES[settings.searcher]} suggests each trial from the results that arrived before it, and "
                 f"with {at_once} trials at once their order varies (max_concurrent_trials: 1 repeats exactly)"
