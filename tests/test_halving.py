@@ -165,11 +165,12 @@ def test_the_progress_line_counts_trials_waiting_at_a_rung_as_paused():
     # how a trial ended: at which rung halving stopped it, or its last rung done
     lines = []
     progress = SearchProgress(trials=6, epochs=30, printer=lambda line, **_: lines.append(line), halving_rungs=2)
-    for rungs, epochs in [([2], 2), ([2, 4], 4), ([2, 4, 24], 24), ([2, 4, 24], 9)]:
+    for rungs, epochs in [([2], 2), ([2, 4], 4), ([2, 4, 24], 24), ([2, 4, 24], 9), ([2, 4, 40], 30)]:
         ended = SimpleNamespace(status="TERMINATED", trial_id="t", config={RUNGS_KEY: rungs}, metric_analysis={},
                                 last_result={"training_iteration": epochs, "val_accuracy": 0.99})
         progress.on_trial_complete(0, [], ended)
     assert [line.split(": best")[0] for line in lines] == [
         "[search] trial t stopped at the first rung (epoch 2)", "[search] trial t stopped at rung 2 (epoch 4)",
         "[search] trial t finished", "[search] trial t stopped early after epoch 9",
+        "[search] trial t finished",  # export-config's replay: its last cycle ends after the epochs it trains
     ]

@@ -112,9 +112,10 @@ class SearchProgress(Callback):
         return " | ".join(parts) + (f" | ETA {format_seconds(eta)}" if eta is not None else "")
 
     def _planned(self, trial) -> int:
-        """The epochs a trial is to train: its current rung's end with successive halving, else train.epochs."""
+        """The epochs a trial is to train: its current rung's end with successive halving (a replay's last cycle may
+        end after train.epochs, where it stops), else train.epochs."""
         rungs = (getattr(trial, "config", None) or {}).get(RUNGS_KEY)
-        return int(rungs[-1]) if rungs else self._epochs
+        return min(int(rungs[-1]), self._epochs) if rungs else self._epochs
 
     def _eta(self, epochs_left: int) -> float | None:
         if self._started is None or not self._trained_here:
