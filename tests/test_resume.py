@@ -181,9 +181,10 @@ def skipped_stages(result):
 def test_killed_during_download(tmp_path, mirror_server):
     folder, cache = tmp_path / "runs" / "dl", tmp_path / "cache"
     command = pipeline_command(tmp_path, "dl", mirror=f"{mirror_server.base_url}/trickle/")
-    # a part file past its first 64 KiB block: an image file still trickling in (a label file, smaller than a block,
-    # may be complete and renamed by the time the kill lands)
-    run_and_kill(command, tmp_path, lambda: any(p.stat().st_size > 65536 for p in cache.glob(".*.part*")))
+    # the training images' part file: seconds of trickling are still to come when the kill lands, however busy the
+    # machine (a label file, a block or two, may be complete and renamed by then)
+    run_and_kill(command, tmp_path, lambda: any(p.stat().st_size > 0
+                                                for p in cache.glob(".train-images-idx3-ubyte.*.part*")))
     assert list(cache.glob(".*.part*")), "the kill should leave the download's temporary file"
     assert underway(folder, "download")
 

