@@ -219,7 +219,7 @@ def test_predict_uses_the_model_that_did_better_on_validation(finished_run):
     folder, _ = finished_run
     ensemble = json.loads((folder / "metrics.json").read_text())["ensemble"]
     assert ensemble["k"] == 2 and len(ensemble["val_accuracy_by_k"]) == 2
-    preferred = ensemble["val_accuracy"] > ensemble["single_val_accuracy"]
+    preferred = ensemble["val_accuracy"] >= ensemble["single_val_accuracy"]
     chosen = find_model(str(folder), str(folder.parent))
     assert chosen == str(folder / "model" / ("ensemble.keras" if preferred else "model.keras"))
     assert find_model(str(folder), str(folder.parent), ensemble=False) == str(folder / "model" / "model.keras")

@@ -125,6 +125,22 @@ def test_the_ensemble_takes_as_many_members_as_do_best_on_validation_never_on_te
     assert (model_dir / "ensemble.keras").is_file()
 
 
+def test_equal_validation_accuracies_take_the_most_members_and_predict_takes_the_ensemble():
+    from stages.evaluation.ensemble import best_k
+    from stages.evaluation.metrics import EnsembleMetrics
+
+    assert best_k([0.9958, 0.9958, 0.9958, 0.9958, 0.9954]) == 4
+    assert best_k([0.9958, 0.9960, 0.9958, 0.9960, 0.9954]) == 4
+    assert best_k([0.9958, 0.9962, 0.9958, 0.9960]) == 2  # more members never beat a higher accuracy
+
+    def ensemble(val_accuracy):
+        return EnsembleMetrics(k=2, trial_ids=["a", "b"], test_accuracy=0.99, test_loss=0.1,
+                               val_accuracy=val_accuracy, single_val_accuracy=0.9958)
+
+    assert ensemble(0.9958).preferred and ensemble(0.9960).preferred and not ensemble(0.9956).preferred
+    assert not EnsembleMetrics(k=2, trial_ids=["a", "b"], test_accuracy=0.99, test_loss=0.1).preferred
+
+
 @pytest.mark.parametrize("value, error", [
     ("1", "Input should be greater than or equal to 2 (got 1)"),
     ("21", "Input should be less than or equal to 20 (got 21)"),

@@ -80,9 +80,10 @@ class EnsembleMetrics:
 
     @property
     def preferred(self) -> bool:
-        """Whether the ensemble did better than the single best model on validation (what `predict` uses then)."""
+        """Whether `predict` uses the ensemble: it did at least as well as the single best model on validation (where
+        the two are equal, the average of several models is the one that varies less)."""
         return (self.val_accuracy is not None and self.single_val_accuracy is not None
-                and self.val_accuracy > self.single_val_accuracy)
+                and self.val_accuracy >= self.single_val_accuracy)
 
 
 @dataclass(frozen=True)

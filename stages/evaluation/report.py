@@ -405,9 +405,10 @@ def _ensemble_sentence(ensemble: EnsembleMetrics | None, single_accuracy: float)
     chosen = ""
     if ensemble.val_accuracy is not None and ensemble.single_val_accuracy is not None:
         by_k = ", ".join(f"{k}: {accuracy:.2%}" for k, accuracy in enumerate(ensemble.val_accuracy_by_k, start=1))
-        chosen = (f" k was chosen on the validation split (members: validation accuracy {by_k}); `predict` uses "
+        chosen = (f" k was chosen on the validation split (members: validation accuracy {by_k}; of equal ones, the "
+                  "most); `predict` uses "
                   f"{'the ensemble' if ensemble.preferred else 'the single best model'}, the better of the two "
-                  "there.")
+                  "there (the ensemble where they are equal).")
     return (
         f" An ensemble averaging the {ensemble.k} best trials by validation accuracy ({members}) reached "
         f"<b>{ensemble.test_accuracy:.2%}</b> on test "
