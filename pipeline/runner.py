@@ -174,13 +174,17 @@ class _StageRunner:
         earlier = earlier_trials(self.config.train.warm_start, self.config.run.root)
         if earlier:
             log.info("train: warm start from %d trials of %s", len(earlier), ", ".join(self.config.train.warm_start))
+        continued_from_s = self._budget_grown_from()
+        if continued_from_s is not None:
+            log.info("train: the search finished (time budget %s); it goes on for the %s added",
+                     duration(continued_from_s), duration(self.config.train.time_budget_s - continued_from_s))
         with self._timed("train") as outputs:
             # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
             # experiment with it (trials on that node are retried elsewhere from their checkpoints).
             beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             outcome = self._get(train_task.options(scheduling_strategy=beside_driver).remote(
                 splits, self.config.model, self.config.train, self.config.run.seed, self.run.location, self.resume,
-                self.level, tracking, earlier,
+                self.level, tracking, earlier, continued_from_s,
             ))
             outputs["best_trial_id"] = outcome.best_trial_id
         return outcome
@@ -195,6 +199,14 @@ class _StageRunner:
             ))
             outputs["test_accuracy"] = metrics.test_accuracy
         return metrics
+
+    def _budget_grown_from(self) -> float | None:
+        """The time budget a resumed run's finished search had, when it is resumed with a larger one (the only change
+        check_resume lets through for a finished train stage); else None."""
+        record = self.records.started("train") if self.resume else None
+        if record is None or record.finished is None:
+            return None
+        return budget_growth(record.settings, self.inputs["train"].settings)
 
     # ---- what the stages share -------------------------------------------------------------------------------------
 
@@ -276,8 +288,11 @@ def check_resume(config: Config, run: RunFolder) -> None:
       BadInputError: a setting the Tune experiment (or a stage before it) ran with differs now.
     """
     records, inputs = StageRecords.load(run.location), stage_inputs(config)
-    if records.started("train") is not None:
-        changes = describe_changes(records, inputs, upto="train")
+    train = records.started("train")
+    if train is not None:
+        # a finished search resumed with a larger time budget goes on searching (stages.training.search_rounds)
+        grown = train.finished is not None and budget_growth(train.settings, inputs["train"].settings) is not None
+        changes = describe_changes(records, inputs, upto="preprocess" if grown else "train")
         if changes:
             raise BadInputError(
                 f"cannot resume run {run.run_id}: its Tune experiment was started with other settings "
@@ -289,3 +304,17 @@ def check_resume(config: Config, run: RunFolder) -> None:
             "run %s: the code of the %s stage%s changed since it ran; finished trials and checkpoints are kept, "
             "what is left runs with the new code", run.run_id, ", ".join(code), "s" if len(code) > 1 else "",
         )
+
+
+BUDGET_KEY = "train.time_budget_s"
+
+
+def budget_growth(recorded: dict[str, Any], current: dict[str, Any]) -> float | None:
+    """The recorded train settings' time budget when the current settings differ from them only by a larger one;
+    else None."""
+    old, new = recorded.get(BUDGET_KEY), current.get(BUDGET_KEY)
+    others_equal = {k: v for k, v in recorded.items() if k != BUDGET_KEY} == \
+        {k: v for k, v in current.items() if k != BUDGET_KEY}
+    if others_equal and isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old:
+        return float(old)
+    return None

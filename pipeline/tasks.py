@@ -111,9 +111,11 @@ def train_task(
     log_level: int,
     tracking=None,
     earlier=(),
+    continued_from_s=None,
 ):
     """`tracking`: (pipeline.tracking.TrackingTarget, the server's URI): a child run per trial; `earlier`: the trials
-    of train.warm_start's runs (pipeline.warm_start)."""
+    of train.warm_start's runs (pipeline.warm_start); `continued_from_s`: the budget of the finished search a larger
+    one continues (stages.train.train)."""
     from stages.train import train
 
     _worker_logging(log_level)
@@ -135,6 +137,7 @@ def train_task(
         resume=resume,
         callbacks=callbacks,
         earlier=earlier,
+        continued_from_s=continued_from_s,
     )
 
 
@@ -189,6 +192,10 @@ def _importance(metrics: RunMetrics, train: TrainSettings) -> dict[str, float]:
         return {}
 
 
+def _not_retracing(record: logging.LogRecord) -> bool:
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
 @ray.remote(num_cpus=1)
 def evaluate_task(
     outcome, validation, test, settings: EvaluateSection, run_location: str, stage_seconds: dict,
@@ -210,6 +217,8 @@ def evaluate_task(
     _worker_logging(log_level)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)  # the runner gives it a node's worth
     configure_tensorflow(cpus)
+    # each model evaluate loads (the best, the ensemble's members) traces its own predict function once, by design
+    logging.getLogger("tensorflow").addFilter(_not_retracing)  # the same function: added once per worker
     log.info("evaluate: TensorFlow on %d threads", max(1, int(cpus)))
     run = RunFolder(run_location)
     storage.write_bytes(run.trials_file, history_csv(outcome.history))

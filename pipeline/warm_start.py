@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.run_files import read_metrics
 from pipeline.run_folder import locate_run
 from stages.common.errors import BadInputError
-from stages.training.search_algorithms import EarlierTrial
+from stages.training.search_algorithms import EarlierTrial, earlier_trials_from
 
 
 def earlier_trials(runs: list[str], root: str) -> list[EarlierTrial]:
@@ -31,12 +31,5 @@ def earlier_trials(runs: list[str], root: str) -> list[EarlierTrial]:
 
         if not storage.exists(run.metrics_file):
             raise BadInputError(f"train.warm_start: run {name!r} has not finished (no {run.metrics_file})")
-        finished = [trial for trial in read_metrics(run).trials
-                    if trial.status == "TERMINATED" and trial.best_val_accuracy is not None
-                    and trial.val_accuracy_by_epoch]
-        if not finished:
-            continue
-        epoch = min(len(trial.val_accuracy_by_epoch) for trial in finished)
-        trials += [EarlierTrial(dict(trial.hyperparameters), float(trial.best_val_accuracy),
-                                float(trial.val_accuracy_by_epoch[epoch - 1])) for trial in finished]
+        trials += earlier_trials_from(read_metrics(run).trials)
     return trials

@@ -28,11 +28,13 @@ from stages.training.search_algorithms import (
     EarlierTrial,
     EpochsDone,
     SearchStopper,
+    earlier_trials_from,
     make_scheduler,
     make_searcher,
     read_stop_reason,
     seed_driver,
 )
+from stages.training.search_rounds import merge_outcomes, plan_rounds, read_rounds, write_rounds
 from stages.training.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
 from stages.training.trial import run_trial
 from stages.training.trial_logs import CsvLog, JsonLog
@@ -61,6 +63,7 @@ def train(
     resume: bool = False,
     callbacks: Sequence[tune.Callback] = (),
     earlier: Sequence[EarlierTrial] = (),
+    continued_from_s: float | None = None,
 ) -> TuneOutcome:
     """Runs the Tune experiment and picks the best checkpoint of all trials by validation accuracy.
 
@@ -86,6 +89,9 @@ def train(
       callbacks: more Tune callbacks (the pipeline's experiment tracking); a restored experiment keeps those it
         began with.
       earlier: earlier runs' trials that seed the searcher (train.warm_start; make_searcher says how).
+      continued_from_s: the time budget this run's finished search had, when it is resumed with a larger one: the
+        search goes on in a new round for the time added (stages.training.search_rounds), and so does a search
+        continued before.
 
     SIGTERM (the pipeline's driver stopping, or the system stopping the process) ends Tune's loop the way Ctrl-C ends
     it in a plain Tune script: the experiment's state is written one last time and the trials are stopped; the
@@ -95,10 +101,53 @@ def train(
       The best trial's checkpoint and a summary of every trial.
 
     Raises:
-      BadInputError: the base trial cannot open this search (stages.training.train_settings.base_trial_problem).
+      BadInputError: the base trial cannot open this search (stages.training.train_settings.base_trial_problem), or
+        the budget is smaller than the search's rounds so far had.
       TrainingError: no trial produced a checkpoint, or SIGTERM stopped the experiment before it finished.
       StorageError: the storage path's disk is full.
     """
+    experiment = storage.join(storage_path, experiment_name)
+    rounds = plan_rounds(experiment, experiment_name, settings.time_budget_s, continued_from_s)
+    arguments = dict(train_data=train_data, validation_data=validation_data, base=base, callbacks=callbacks)
+    if not rounds:
+        return _train_experiment(settings=settings, storage_path=storage_path, experiment_name=experiment_name,
+                                 seed=seed, resume=resume, earlier=earlier, **arguments)
+    outcomes = []
+    for index, search_round in enumerate(rounds):
+        path = experiment if index == 0 else storage.join(experiment, search_round.experiment)
+        if search_round.finished:
+            outcomes.append(_load_experiment_outcome(path))
+            continue
+        before = sum(r.budget_s for r in rounds[:index])
+        _say(f"round {index + 1} of the search: {format_seconds(search_round.budget_s)} more (the time budget grew "
+             f"from {format_seconds(before)}); {sum(len(o.trials) for o in outcomes)} trials so far")
+        own = earlier_trials_from([trial for outcome in outcomes for trial in outcome.trials])
+        outcomes.append(_train_experiment(
+            # new settings from seed + round (the base trial trained in round 1); a model-based searcher starts from
+            # every trial so far, which the random searcher would only train again
+            settings=settings.model_copy(update={"time_budget_s": search_round.budget_s, "include_base_trial": False}),
+            storage_path=experiment, experiment_name=search_round.experiment, seed=seed + index, resume=True,
+            earlier=() if settings.searcher == "random" else [*earlier, *own], **arguments,
+        ))
+        rounds[index] = dataclasses.replace(search_round, finished=True)
+        write_rounds(experiment, rounds)
+    return merge_outcomes(outcomes)
+
+
+def _train_experiment(
+    train_data: LabeledImages | Any,
+    validation_data: LabeledImages | Any,
+    *,
+    base: Hyperparameters,
+    settings: TrainSettings,
+    storage_path: str,
+    experiment_name: str,
+    seed: int,
+    resume: bool,
+    callbacks: Sequence[tune.Callback],
+    earlier: Sequence[EarlierTrial],
+) -> TuneOutcome:
+    """One Tune experiment (a search, or one round of it): train's arguments."""
     problem = base_trial_problem(settings, base)
     if problem is not None:
         raise BadInputError(f"train.{problem}")
@@ -304,7 +353,21 @@ def _sigterm_stops_tune():
 
 
 def load_outcome(experiment_path: str) -> TuneOutcome:
-    """The outcome of a finished experiment, read back from its folder (a run resumed after training)."""
+    """The outcome of a finished search, read back from its folder (a run resumed after training): its rounds'
+    together when it was continued (stages.training.search_rounds).
+
+    Raises:
+      TrainingError: a round never finished.
+      DataError: the rounds' record is damaged.
+    """
+    rounds = read_rounds(experiment_path)
+    if any(not search_round.finished for search_round in rounds):
+        raise TrainingError(f"{experiment_path}: round {len(rounds)} of the search never finished")
+    return merge_outcomes([_load_experiment_outcome(experiment_path), *[
+        _load_experiment_outcome(storage.join(experiment_path, r.experiment)) for r in rounds[1:]]])
+
+
+def _load_experiment_outcome(experiment_path: str) -> TuneOutcome:
     _check_owner(experiment_path)
     analysis = tune.ExperimentAnalysis(experiment_path, default_metric=METRIC, default_mode=MODE)
     outcome = summarize(tune.ResultGrid(analysis), experiment_path=experiment_path)

@@ -29,6 +29,7 @@ from ray.tune.search import ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from stages.common import storage
+from stages.evaluation.metrics import TrialSummary
 from stages.training.hyperparameters import Hyperparameters
 from stages.training.train_settings import Distribution, TrainSettings
 from stages.training.tune_results import METRIC
@@ -119,6 +120,18 @@ class EarlierTrial:
     hyperparameters: dict[str, Any]
     val_accuracy: float
     first_rung_accuracy: float
+
+
+def earlier_trials_from(trials: Sequence[TrialSummary]) -> list[EarlierTrial]:
+    """The trials of a search (a run's metrics, or the rounds of this one) that finished with a validation accuracy,
+    as EarlierTrials: their first-rung accuracy is at the epoch all of them reached."""
+    finished = [trial for trial in trials
+                if trial.status == "TERMINATED" and trial.best_val_accuracy is not None and trial.val_accuracy_by_epoch]
+    if not finished:
+        return []
+    epoch = min(len(trial.val_accuracy_by_epoch) for trial in finished)
+    return [EarlierTrial(dict(trial.hyperparameters), float(trial.best_val_accuracy),
+                         float(trial.val_accuracy_by_epoch[epoch - 1])) for trial in finished]
 
 
 def _within(hyperparameters: dict[str, Any], space: dict[str, Distribution]) -> bool:
