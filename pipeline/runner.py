@@ -174,11 +174,13 @@ class _StageRunner:
         earlier = earlier_trials(self.config.train.warm_start, self.config.run.root)
         if earlier:
             log.info("train: warm start from %d trials of %s", len(earlier), ", ".join(self.config.train.warm_start))
-        continued_from_s = self._budget_grown_from()
+        continued_from_s, searched_s = self._budget_grown_from(), 0.0
         if continued_from_s is not None:
-            log.info("train: the search finished (time budget %s); it goes on for the %s added",
-                     duration(continued_from_s), duration(self.config.train.time_budget_s - continued_from_s))
-        with self._timed("train") as outputs:
+            searched_s = self.records.started("train").seconds or 0.0
+            log.info("train: the search finished (time budget %s, %s taken); it goes on for the %s added",
+                     duration(continued_from_s), duration(searched_s),
+                     duration(self.config.train.time_budget_s - continued_from_s))
+        with self._timed("train", earlier_s=searched_s) as outputs:
             # Tune's driver loop stays on the pipeline driver's node: losing a worker node must not take the
             # experiment with it (trials on that node are retried elsewhere from their checkpoints).
             beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -221,18 +223,20 @@ class _StageRunner:
         self.skipped.append(stage)
 
     @contextmanager
-    def _timed(self, stage: str) -> Iterator[dict[str, Any]]:
+    def _timed(self, stage: str, earlier_s: float = 0.0) -> Iterator[dict[str, Any]]:
         """Times a stage and records it in stages.json: begun on entry, finished (with the outputs the block put
-        into the yielded dict) when the block completes."""
+        into the yielded dict) when the block completes. `earlier_s`: what the stage took before (a search continued
+        in a new round: its time is the rounds' together)."""
         log.info("stage %s: started", stage)
         self._running = stage
         self.records.begin(stage, self.inputs[stage])
         started = time.perf_counter()
         outputs: dict[str, Any] = {}
         yield outputs
-        self.seconds[stage] = round(time.perf_counter() - started, 2)
+        self.seconds[stage] = round(time.perf_counter() - started + earlier_s, 2)
         self.records.finish(stage, self.inputs[stage], self.seconds[stage], outputs)
-        log.info("stage %s: done in %s", stage, duration(self.seconds[stage]))
+        log.info("stage %s: done in %s%s", stage, duration(self.seconds[stage] - earlier_s),
+                 f" ({duration(self.seconds[stage])} with the rounds before)" if earlier_s else "")
 
     def _task(self, task, stage: str, **options):
         """The stage's task with the custom resources `ray.stage_resources` gives it (and any other options)."""

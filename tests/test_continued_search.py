@@ -42,22 +42,34 @@ def continued(mnist_mirror, tmp_path_factory):
     first = pipeline("run", "--run-id", "grow", *sets, "--set", f"train.time_budget_s={BUDGET}", cwd=work)
     assert first.returncode == 0, first.stderr[-3000:]
     before = metrics(work, "grow")
+    first_train_s = json.loads((work / "runs" / "grow" / "stages.json").read_text())["train"]["seconds"]
     tune = work / "runs" / "grow" / "tune"
     results = {path: path.read_bytes() for path in tune.glob("*/result.json")}
     grown = pipeline("run", "--resume", "grow", "--set", f"run.root={work / 'runs'}",
                      "--set", f"train.time_budget_s={2 * BUDGET}", cwd=work)
     assert grown.returncode == 0, grown.stderr[-3000:]
-    return work, before, metrics(work, "grow"), results, grown
+    return work, before, metrics(work, "grow"), results, grown, first_train_s
+
+
+def round_2_train_s(result: subprocess.CompletedProcess) -> float:
+    """The seconds of the resumed train stage, from its 'stage train: done in 12.3s (...)' line."""
+    line = next(line for line in result.stderr.splitlines() if "stage train: done in" in line)
+    text = line.split("done in ", 1)[1].split(" ", 1)[0]
+    minutes, _, seconds = text.rpartition("m")
+    return float(minutes or 0) * 60 + float(seconds.rstrip("s"))
 
 
 def test_a_larger_budget_continues_the_finished_search_in_a_new_round(continued):
-    work, before, after, results, grown = continued
+    work, before, after, results, grown, first_train_s = continued
     tune = work / "runs" / "grow" / "tune"
     assert json.loads((tune / "rounds.json").read_text()) == {"rounds": [
         {"experiment": "tune", "budget_s": BUDGET, "finished": True},
         {"experiment": "continued-1", "budget_s": BUDGET, "finished": True},
     ]}
     assert "round 2 of the search: 5m00s more (the time budget grew from 5m00s)" in grown.stdout + grown.stderr
+    # the train stage's time is both rounds' (the report says it against the whole budget)
+    stages = json.loads((work / "runs" / "grow" / "stages.json").read_text())
+    assert stages["train"]["seconds"] == pytest.approx(first_train_s + round_2_train_s(grown), abs=1.0)
     # the first round is kept as it was: not one of its results written again
     assert {path: path.read_bytes() for path in tune.glob("*/result.json")} == results
     first_ids = {t["trial_id"] for t in before["trials"]}
@@ -79,7 +91,7 @@ def test_a_larger_budget_continues_the_finished_search_in_a_new_round(continued)
 
 
 def test_a_continued_search_resumed_as_it_is_runs_nothing_and_a_smaller_budget_is_refused(continued):
-    work, _, after, _, _ = continued
+    work, _, after, _, _, _ = continued
     runs = ["--set", f"run.root={work / 'runs'}"]
     again = pipeline("run", "--resume", "grow", *runs, cwd=work)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -108,3 +120,15 @@ def test_rounds_are_planned_from_the_budgets_so_far(tmp_path):
                                           ' {"experiment": "../elsewhere", "budget_s": 900, "finished": true}]}')
     with pytest.raises(DataError, match="rounds.json: damaged"):
         read_rounds(experiment)
+
+
+def test_only_a_larger_budget_alone_continues_a_finished_search():
+    from pipeline.runner import budget_growth
+
+    recorded = {"train.time_budget_s": 1800.0, "train.epochs": 20, "run.seed": 0}
+    assert budget_growth(recorded, {**recorded, "train.time_budget_s": 2700}) == 1800.0
+    assert budget_growth(recorded, recorded) is None
+    assert budget_growth(recorded, {**recorded, "train.time_budget_s": 900}) is None  # refused by check_resume
+    assert budget_growth(recorded, {**recorded, "train.time_budget_s": None}) is None  # no budget: not a round
+    assert budget_growth({**recorded, "train.time_budget_s": None}, recorded) is None
+    assert budget_growth(recorded, {**recorded, "train.time_budget_s": 2700, "train.epochs": 24}) is None

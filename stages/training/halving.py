@@ -134,8 +134,6 @@ class SuccessiveHalving(FIFOScheduler):
         self._to_unpause: list[Trial] = []
         self._added = 0  # trials the search created, every one of which starts in the first rung
         self._started = time.monotonic()
-        self.last_rung_epochs: int | None = None if plan.rungs else max_epochs
-        self.decisions: list[str] = []
 
     def __getstate__(self) -> dict:
         """Tune pickles the scheduler with the experiment: a restored one learns its trials again from on_trial_add
@@ -286,7 +284,6 @@ class SuccessiveHalving(FIFOScheduler):
                     and end >= self.max_epochs \
                     and self._plan_last_rung(ranked[: keep + 1], waiting, EXTRA_FINALIST_SHARE) >= self.max_epochs:
                 keep += 1
-            self.last_rung_epochs = end
         else:
             end = self.plan.rungs[next_rung][1]
         promoted, stopped = ranked[:keep], ranked[keep:]
@@ -297,7 +294,6 @@ class SuccessiveHalving(FIFOScheduler):
         message = (f"rung {rung + 1} decided at epoch {self._rung_end(ranked[0])}: "
                    + (f"{len(promoted)} of {len(ranked)} trials go on to epoch {end} ({scores})" if promoted
                       else f"no time left to train further; the search ends with {len(ranked)} trials"))
-        self.decisions.append(message)
         self.say(message)
         for trial in stopped:
             del self._members[trial]
