@@ -34,7 +34,7 @@ from stages.training.search_algorithms import (
     read_stop_reason,
     seed_driver,
 )
-from stages.training.search_rounds import merge_outcomes, plan_rounds, read_rounds, write_rounds
+from stages.training.search_rounds import merge_outcomes, plan_rounds, read_rounds, round_settings, write_rounds
 from stages.training.train_settings import TrainSettings, base_trial_problem, unrepeatable_because
 from stages.training.trial import run_trial
 from stages.training.trial_logs import CsvLog, JsonLog
@@ -125,7 +125,7 @@ def train(
         outcomes.append(_train_experiment(
             # new settings from seed + round (the base trial trained in round 1); a model-based searcher starts from
             # every trial so far, which the random searcher would only train again
-            settings=settings.model_copy(update={"time_budget_s": search_round.budget_s, "include_base_trial": False}),
+            settings=round_settings(settings, search_round, rounds[0].budget_s),
             storage_path=experiment, experiment_name=search_round.experiment, seed=seed + index, resume=True,
             earlier=() if settings.searcher == "random" else [*earlier, *own], **arguments,
         ))

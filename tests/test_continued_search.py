@@ -132,3 +132,21 @@ def test_only_a_larger_budget_alone_continues_a_finished_search():
     assert budget_growth(recorded, {**recorded, "train.time_budget_s": None}) is None  # no budget: not a round
     assert budget_growth({**recorded, "train.time_budget_s": None}, recorded) is None
     assert budget_growth(recorded, {**recorded, "train.time_budget_s": 2700, "train.epochs": 24}) is None
+
+
+def test_a_later_round_samples_trials_in_proportion_to_its_budget():
+    from stages.training.search_rounds import SearchRound, round_settings
+    from stages.training.train_settings import TrainSettings
+
+    settings = TrainSettings.model_validate({"num_samples": 16, "finalists": 4, "time_budget_s": 2700})
+
+    def later(budget_s: float, first_s: float = 1800, base: TrainSettings = settings) -> TrainSettings:
+        return round_settings(base, SearchRound("continued-1", budget_s, False), first_s)
+
+    half = later(900)
+    assert (half.num_samples, half.time_budget_s, half.include_base_trial) == (8, 900, False)
+    assert later(3600).num_samples == 32 and later(1800).num_samples == 16
+    assert later(60).num_samples == 4  # never fewer than the finalists
+    grid = TrainSettings.model_validate({"num_samples": 2, "search_space": {"optimizer": {"grid": ["adam", "adamw"]}},
+                                         "finalists": 4})
+    assert later(1800, first_s=0.1, base=grid).num_samples == 5000  # times the grid: at most 10,000 trials

@@ -2,9 +2,10 @@
 
 A run whose search finished within `time_budget_s` and is resumed with a larger one does not start over: its trials,
 checkpoints and results stay as they are, and a new round searches for the time added (the new budget less the
-rounds' budgets before it). Each round is a Tune experiment of its own, `continued-<n>` inside the first one's folder
-(tune/), so everything that reads or guards the experiment folder covers it; ROUNDS_FILE there lists the rounds in
-order with their budgets and whether they finished. A round that stops half way (a crash, SIGTERM) is restored like
+rounds' budgets before it), sampling trials in proportion to that time (round_settings). Each round is a Tune
+experiment of its own, `continued-<n>` inside the first one's folder (tune/), so everything that reads or guards the
+experiment folder covers it; ROUNDS_FILE there lists the rounds in order with their budgets and whether they
+finished. A round that stops half way (a crash, SIGTERM) is restored like
 any experiment when the run is resumed with the same budget.
 
 Round n draws from `seed + n`, so it samples new settings where round 0 sampled its own (the same run continued the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from stages.common import storage
 from stages.common.errors import BadInputError, DataError
+from stages.training.train_settings import MAX_TRIALS, TrainSettings
 from stages.training.tune_results import TuneOutcome
 
 ROUNDS_FILE = "rounds.json"  # in the first round's experiment folder
@@ -94,6 +96,17 @@ def plan_rounds(
         rounds.append(SearchRound(f"{CONTINUED_PREFIX}{len(rounds)}", budget_s - spent, finished=False))
         write_rounds(experiment_path, rounds)
     return rounds
+
+
+def round_settings(settings: TrainSettings, search_round: SearchRound, first_budget_s: float) -> TrainSettings:
+    """The search's settings for a later round: its budget; trials in proportion to it against the first round's
+    (15 minutes added to a 30-minute search sample half as many: halving's finalists then get as long a last rung
+    as the first round's did, not one squeezed behind a full first rung), at least `finalists`; no base trial."""
+    grid = settings.trial_count // settings.num_samples
+    samples = round(settings.num_samples * search_round.budget_s / first_budget_s)
+    samples = min(max(samples, min(settings.finalists, settings.num_samples), 1), MAX_TRIALS // grid)
+    return settings.model_copy(
+        update={"time_budget_s": search_round.budget_s, "num_samples": samples, "include_base_trial": False})
 
 
 def merge_outcomes(outcomes: list[TuneOutcome]) -> TuneOutcome:
