@@ -109,3 +109,18 @@ def test_a_run_on_object_storage(s3_root, tmp_path, mnist_mirror):
         assert f"stage {stage}: finished earlier" in resumed.stderr
     assert "stage evaluate: done" in resumed.stderr
     assert json.loads(read("metrics.json"))["test_accuracy"] == metrics["test_accuracy"]
+
+    # resumed with a larger time budget: the search goes on in a second round, in the bucket too
+    grown = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--resume", "remote", "--set", f"run.root={root}",
+         "--set", "train.time_budget_s=3600"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**os.environ, **CREDENTIALS, "RAY_ADDRESS": ""},
+    )
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert [r["finished"] for r in json.loads(read("tune/rounds.json"))["rounds"]] == [True, True]
+    trials = json.loads(read("metrics.json"))["trials"]
+    assert len(trials) == 4 and len({t["trial_id"].split("_")[0] for t in trials}) == 2  # two experiments' trials
+    kept = {info.path for info in filesystem.get_file_info(
+        pyarrow.fs.FileSelector("runs/experiments/remote/tune/continued-1", recursive=True))}
+    assert sum(path.endswith("/model.keras") for path in kept) == 2, "each new trial's best checkpoint, in the bucket"
