@@ -5,8 +5,8 @@ checkpoints and results stay as they are, and a new round searches for the time 
 rounds' budgets before it), sampling trials in proportion to that time (round_settings). Each round is a Tune
 experiment of its own, `continued-<n>` inside the first one's folder (tune/), so everything that reads or guards the
 experiment folder covers it; ROUNDS_FILE there lists the rounds in order with their budgets and whether they
-finished. A round that stops half way (a crash, SIGTERM) is restored like
-any experiment when the run is resumed with the same budget.
+finished. A round that stops half way (a crash, SIGTERM) is restored like any experiment when the run is resumed
+with the same budget.
 
 Round n draws from `seed + n`, so it samples new settings where round 0 sampled its own (the same run continued the
 same way gives the same trials), and skips the base trial, which round 0 trained. A model-based searcher takes every
@@ -112,19 +112,10 @@ def round_settings(settings: TrainSettings, search_round: SearchRound, first_bud
 def merge_outcomes(outcomes: list[TuneOutcome]) -> TuneOutcome:
     """The rounds' outcomes as one: every trial, ranked by validation accuracy (stable: of equal ones, the earlier
     round's first); why the search ended early is the last round's."""
-    ranked = sorted((entry for outcome in outcomes for entry in outcome.ranked), key=lambda e: -e.val_accuracy)
-    trials = [trial for outcome in outcomes for trial in outcome.trials]
-    winner = ranked[0]
-    return dataclasses.replace(
-        outcomes[0],
-        best_trial_id=winner.trial_id,
-        best_hyperparameters=next(t.hyperparameters for t in trials if t.trial_id == winner.trial_id),
-        best_val_accuracy=winner.val_accuracy,
-        best_epoch=winner.epoch,
-        best_checkpoint=winner.checkpoint,
-        best_checkpoint_location=winner.location,
-        trials=trials,
-        ranked=ranked,
+    return TuneOutcome.from_ranked(
+        ranked=sorted((entry for outcome in outcomes for entry in outcome.ranked), key=lambda e: -e.val_accuracy),
+        trials=[trial for outcome in outcomes for trial in outcome.trials],
         history=[row for outcome in outcomes for row in outcome.history],
+        experiment_path=outcomes[0].experiment_path,
         stop_reason=outcomes[-1].stop_reason,
     )

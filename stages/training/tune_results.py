@@ -56,6 +56,27 @@ class TuneOutcome:
     # one row per trial per epoch (an epoch trained again after a crash: its last result), for trials.csv
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def from_ranked(
+        cls, *, ranked: list[RankedCheckpoint], trials: list[TrialSummary], history: list[dict[str, Any]],
+        experiment_path: str, stop_reason: str | None = None,
+    ) -> TuneOutcome:
+        """The outcome whose winner is the first of `ranked` (which must not be empty)."""
+        winner = ranked[0]
+        return cls(
+            best_trial_id=winner.trial_id,
+            best_hyperparameters=next(t.hyperparameters for t in trials if t.trial_id == winner.trial_id),
+            best_val_accuracy=winner.val_accuracy,
+            best_epoch=winner.epoch,
+            best_checkpoint=winner.checkpoint,
+            best_checkpoint_location=winner.location,
+            experiment_path=experiment_path,
+            trials=trials,
+            stop_reason=stop_reason,
+            ranked=ranked,
+            history=history,
+        )
+
     def top_trials(self, limit: int = TOP_TRIALS) -> list[TopTrial]:
         """The `limit` best trials by validation accuracy: id, best validation accuracy, its epoch, epochs trained,
         and the hyperparameters the search varied."""
@@ -96,19 +117,7 @@ def summarize(results: tune.ResultGrid, *, experiment_path: str) -> TuneOutcome:
         raise TrainingError(f"no trial finished with a usable checkpoint ({reasons})")
     ranked.sort(key=lambda entry: (-entry.val_accuracy, entry.trial_id))  # of equal ones, the first trial started
     history.sort(key=lambda row: (row["trial_id"], row["epoch"]))  # Tune lists trials in no fixed order
-    winner = ranked[0]
-    return TuneOutcome(
-        best_trial_id=winner.trial_id,
-        best_hyperparameters=next(t.hyperparameters for t in trials if t.trial_id == winner.trial_id),
-        best_val_accuracy=winner.val_accuracy,
-        best_epoch=winner.epoch,
-        best_checkpoint=winner.checkpoint,
-        best_checkpoint_location=winner.location,
-        experiment_path=experiment_path,
-        trials=trials,
-        ranked=ranked,
-        history=history,
-    )
+    return TuneOutcome.from_ranked(ranked=ranked, trials=trials, history=history, experiment_path=experiment_path)
 
 
 def _trial_summary(result: tune.Result, per_epoch) -> TrialSummary:
