@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_search import epochs_of, trials_in_order
 
-from stages.training.halving import RESTART_S, HalvingPlan, final_epochs
+from stages.training.halving import LAST_RUNG_STEP, RESTART_S, HalvingPlan, final_epochs
 from stages.training.hyperparameters import Hyperparameters
 from stages.training.model import ONE_CYCLE_DIV_FACTOR, ONE_CYCLE_FINAL_DIV_FACTOR
 from stages.training.train_settings import RUNGS_KEY, TrainSettings
@@ -140,7 +140,10 @@ def test_the_budget_plans_the_last_rung_and_the_search_ends_inside_it(data, tmp_
     assert len(finalists) == 2
     last = finalists[0]["rows"][-1]["config"][RUNGS_KEY][-1]
     assert f"go on to epoch {last} " in printed
-    assert 2 < last < 500, "the last rung's length comes from the budget, not from epochs"
+    # from the budget, not from epochs: in steps of LAST_RUNG_STEP, or one epoch past the first rung where a busy
+    # machine leaves no room for a step (how far it gets depends on the machine's speed, not asserted)
+    assert last < 500, "the last rung's length comes from the budget, not from epochs"
+    assert last == 2 or last % LAST_RUNG_STEP == 0
     # none trains past the planned rung; on a machine slowed down after the plan, the budget's stopper may end them
     # before it, and then says so
     assert all(epochs_of(t)[-1] <= last for t in finalists)
