@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 SLICE = [
     "data.max_train_images=2000", "data.validation_size=500", "data.max_test_images=500",
     "model.conv1_filters=4", "model.conv2_filters=8", "model.dense_units=32", "model.lr_schedule=one_cycle",

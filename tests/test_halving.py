@@ -20,6 +20,8 @@ from stages.training.hyperparameters import Hyperparameters
 from stages.training.model import ONE_CYCLE_DIV_FACTOR, ONE_CYCLE_FINAL_DIV_FACTOR
 from stages.training.train_settings import RUNGS_KEY, TrainSettings
 
+pytestmark = pytest.mark.e2e
+
 PEAK = 3e-3
 BASE = Hyperparameters(conv1_filters=4, conv2_filters=8, dense_units=32, learning_rate=PEAK, lr_schedule="one_cycle")
 SEED = 11

@@ -31,7 +31,7 @@ SLICE = {"max_train_images": 1000, "validation_size": 200, "max_test_images": 20
 TRAIN = {"epochs": 1, "num_samples": 2, "scheduler": "fifo", "search_space": {}}
 
 why_not = missing_prerequisites()
-pytestmark = pytest.mark.skipif(why_not is not None, reason=f"launcher test: {why_not}")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(why_not is not None, reason=f"launcher test: {why_not}")]
 
 
 def launcher_config(hosts: NetnsHosts, name: str, submit_config: Path) -> dict:

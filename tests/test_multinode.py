@@ -16,7 +16,7 @@ from ray_nodes import RAY, Node, RayNodes
 
 REPO = Path(__file__).resolve().parent.parent
 why_not = missing_prerequisites()
-pytestmark = pytest.mark.skipif(why_not is not None, reason=f"multi-node tests: {why_not}")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(why_not is not None, reason=f"multi-node tests: {why_not}")]
 
 SMALL_RUN = [
     "--set", "data.max_train_images=2000",

@@ -25,6 +25,8 @@ from stages.training.hyperparameters import Hyperparameters
 from stages.training.train_settings import TrainSettings, unrepeatable_because
 from stages.training.tune_results import METRIC, MODE
 
+pytestmark = pytest.mark.e2e
+
 BASE = Hyperparameters(conv1_filters=4, conv2_filters=8, dense_units=32, learning_rate=3e-3)
 BASE_PARAMETERS = (5 * 5 * 1 * 4 + 4) + (5 * 5 * 4 * 8 + 8) + (7 * 7 * 8 * 32 + 32) + (32 * 10 + 10)
 SEED = 7

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from test_resume import pipeline_command, trial_epochs, trial_statuses
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_ADDRESS": ""}
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra: pip install -e '.[test]'")
 
 REPO = Path(__file__).resolve().parent.parent

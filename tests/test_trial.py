@@ -33,6 +33,8 @@ from stages.training.trial import (
     trial_seed,
 )
 
+pytestmark = pytest.mark.e2e
+
 TRAIN_IMAGES, VALIDATION_IMAGES, EPOCHS, BATCH = 1000, 500, 2, 64
 STEPS = math.ceil(TRAIN_IMAGES / BATCH)  # 16 steps per epoch
 # dropout and a cosine schedule: a restore that lost the random layers' state or the schedule's position shows
