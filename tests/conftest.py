@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_MNIST = Path(os.environ.get("MNIST_MIRROR", REPO.parent / "shared" / "mnist")).resolve()
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The e2e modules (minutes each) first: pytest-xdist hands out modules in this order (`--dist loadfile`), so
     the short ones fill the workers' last minutes instead of one long module running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: each group keeps its order
+
 
 @pytest.fixture(scope="session")
 def mnist_mirror() -> Path:
