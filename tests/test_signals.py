@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_resume import pipeline_command, trial_epochs, trial_statuses
+from test_resume import checkpointed_epochs, pipeline_command, trial_epochs, trial_statuses
 
 pytestmark = pytest.mark.e2e
 
@@ -160,17 +160,17 @@ def test_a_killed_train_task_is_retried_and_continues_the_experiment(tmp_path, m
                     tmp_path)
     seen = {}
 
-    def one_trial_finished_the_other_running():
+    def one_trial_finished_the_other_checkpointed():
         statuses = trial_statuses(folder)
         if sorted(statuses.values()) == ["RUNNING", "TERMINATED"]:
             running = next(trial for trial, status in statuses.items() if status == "RUNNING")
-            if trial_epochs(folder).get(running):
+            if running in checkpointed_epochs(folder):
                 seen.update(statuses=statuses)
                 return True
         return False
 
     try:
-        wait_for(process, tmp_path, one_trial_finished_the_other_running)
+        wait_for(process, tmp_path, one_trial_finished_the_other_checkpointed)
         (train_worker,) = [pid for pid, cmdline in session_processes(process.pid)
                            if cmdline.startswith("ray::train_task")]
         os.kill(train_worker, signal.SIGKILL)
