@@ -111,15 +111,13 @@ def score(probabilities: np.ndarray, labels: np.ndarray) -> Evaluation:
 
 
 def export_model(model, hyperparameters: dict, location: str) -> str:
-    """Writes `model.keras` (architecture and weights, uncompiled: no optimizer state) and `hyperparameters.json`
-    into the folder or URI `location`.
+    """Writes `model.keras` (architecture and weights, uncompiled: no loss, no optimizer, which are training's and
+    may be our own classes) and `hyperparameters.json` into the folder or URI `location`.
 
     Returns:
       The location of the exported model.
     """
-    import keras
-
-    inference_model = keras.models.clone_model(model)
+    inference_model = type(model).from_config(model.get_config())  # clone_model would copy the compile config
     inference_model.set_weights(model.get_weights())
     with storage.local_folder_for(location) as folder:
         with atomic_path(folder / EXPORTED_MODEL) as temp:

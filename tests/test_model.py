@@ -66,7 +66,7 @@ def test_classic_architecture():
     assert model.layers[8].rate == model.layers[10].rate == 0.0
     # Adam at a constant 1e-3 without weight decay, plain sparse cross-entropy
     optimizer = model.optimizer.get_config()
-    assert model.optimizer.__class__.__name__ == "Adam"
+    assert model.optimizer.__class__.__name__ == "FusedAdam"  # Keras's Adam in one fused op (see below)
     assert optimizer["learning_rate"] == pytest.approx(1e-3) and optimizer["weight_decay"] is None
     assert model.loss == "sparse_categorical_crossentropy"
 
@@ -276,14 +276,51 @@ def test_fused_batch_norm_computes_what_keras_batch_norm_does(dtype):
                                np.asarray(tf.cast(dense_plain(flat, training=True), "float32")), atol=tolerance)
 
 
+@pytest.mark.parametrize("optimizer, weight_decay", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05)])
+def test_fused_adam_updates_what_keras_adam_does_in_one_op(optimizer, weight_decay):
+    """Five steps of random gradients on a matrix and a vector, under a one-cycle schedule: the fused optimizer
+    against Keras's own, from the same weights; and its step is TensorFlow's ResourceApplyAdam, not Keras's ops."""
+    import keras
+    import tensorflow as tf
+
+    from stages.training.model import make_optimizer
+
+    hp = Hyperparameters(optimizer=optimizer, weight_decay=weight_decay, lr_schedule="one_cycle", learning_rate=0.01)
+    fused = make_optimizer(hp, decay_steps=10)
+    keras_own = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW}[optimizer].from_config(
+        fused.get_config()
+    )
+    assert type(fused).__name__ == {"adam": "FusedAdam", "adamw": "FusedAdamW"}[optimizer]
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(64, 32)).astype("float32"), rng.normal(size=32).astype("float32")]
+    variables = {id(opt): [keras.Variable(value) for value in start] for opt in (fused, keras_own)}
+    for step in range(5):
+        gradients = [rng.normal(size=value.shape).astype("float32") for value in start]
+        for opt in (fused, keras_own):
+            opt.apply_gradients(zip([tf.constant(g) for g in gradients], variables[id(opt)]))
+    for ours, theirs in zip(variables[id(fused)], variables[id(keras_own)], strict=True):
+        assert not np.array_equal(np.asarray(ours), start[0] if ours.shape == start[0].shape else start[1])
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(fused.variables, keras_own.variables, strict=True):  # the moments too
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7)
+
+    step = tf.function(lambda grads: fused.apply_gradients(zip(grads, variables[id(fused)])))
+    graph = step.get_concrete_function([tf.TensorSpec(value.shape, "float32") for value in start]).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "ResourceApplyAdam" in ops, sorted(ops)
+
+
 def test_an_exported_batch_norm_model_loads_in_plain_keras(digits, tmp_path):
-    """Training uses our fused batch normalization; the model evaluate exports holds Keras's own layers only, so
-    it loads where this package is not imported, and predicts what the trained model predicts."""
+    """Training uses our fused batch normalization, fused Adam, schedules and smoothed loss; the model evaluate
+    exports holds Keras's own layers only and no training config, so it loads where this package is not imported,
+    and predicts what the trained model predicts."""
     from stages.evaluate import export_model
     from stages.training.precision import in_float32
 
     images, labels = digits
-    model = build_model(Hyperparameters(**TINY, batch_norm=True, batch_size=32))
+    hp = Hyperparameters(**TINY, batch_norm=True, batch_size=32, optimizer="adamw", weight_decay=0.01,
+                         lr_schedule="one_cycle", label_smoothing=0.1)
+    model = build_model(hp, decay_steps=8)
     model.fit(images, labels, batch_size=32, epochs=1, verbose=0)
     export_model(in_float32(model), {}, str(tmp_path))
     np.save(tmp_path / "images.npy", images[:32])

@@ -289,6 +289,30 @@ def test_the_same_optimizer_keeps_its_moments_under_a_new_learning_rate(tmp_path
     assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
+def test_a_checkpoint_of_keras_own_adam_keeps_its_moments_in_the_fused_one(tmp_path, digits):
+    """Checkpoints from before the fused Adam hold keras.optimizers.Adam: the same state, so it carries over."""
+    import keras
+
+    from stages.training.model import build_model
+
+    images, labels = digits
+    keras.utils.set_random_seed(1)
+    saved = build_model(Hyperparameters(**TINY))
+    saved.compile(optimizer=keras.optimizers.Adam(1e-3), loss=saved.loss, metrics=["accuracy"])
+    saved.fit(images, labels, batch_size=64, epochs=1, shuffle=False, verbose=0)
+    (tmp_path / "adam").mkdir()
+    saved.save(tmp_path / "adam" / CHECKPOINT_MODEL)
+    (tmp_path / "adam" / CHECKPOINT_STATE).write_text(json.dumps({"epoch": 1, "steps_per_epoch": 4}))
+
+    model = build_model(Hyperparameters(**TINY))
+    assert type(model.optimizer).__name__ == "FusedAdam"
+    restore_checkpoint(model, tmp_path / "adam", steps_per_epoch=4)
+    moments = [np.asarray(v) for v in model.optimizer.variables[2:]]
+    saved_moments = [np.asarray(v) for v in saved.optimizer.variables[2:]]
+    assert len(moments) == 16 and any(np.any(value) for value in moments)
+    assert all(np.array_equal(a, b) for a, b in zip(moments, saved_moments, strict=True))
+
+
 @pytest.mark.parametrize(
     "saved_policy, policy",
     [("mixed_float16", "mixed_float16"), ("mixed_float16", "float32"), ("float32", "mixed_float16"),

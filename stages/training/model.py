@@ -23,6 +23,7 @@ import keras
 from keras import layers, ops
 
 from stages.dataset.idx import IMAGE_SHAPE, NUM_CLASSES
+from stages.training.fused_adam import FusedAdam, FusedAdamW
 from stages.training.fused_batch_norm import PACKAGE, FusedBatchNormalization
 from stages.training.hyperparameters import Hyperparameters
 
@@ -133,13 +134,14 @@ def make_loss(hp: Hyperparameters) -> str | keras.losses.Loss:
 def make_optimizer(
     hp: Hyperparameters, *, decay_steps: int | None = None, cycle_ends: Sequence[int] | None = None
 ) -> keras.optimizers.Optimizer:
-    """The optimizer hp names, at hp's learning rate or schedule, with hp's decoupled weight decay."""
+    """The optimizer hp names, at hp's learning rate or schedule, with hp's decoupled weight decay (Adam and AdamW
+    in TensorFlow's fused update: see stages.training.fused_adam)."""
     learning_rate = make_learning_rate(hp, decay_steps=decay_steps, cycle_ends=cycle_ends)
     weight_decay = hp.weight_decay or None
     if hp.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+        return FusedAdam(learning_rate, weight_decay=weight_decay)
     if hp.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=hp.weight_decay)
+        return FusedAdamW(learning_rate, weight_decay=hp.weight_decay)
     if hp.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate, weight_decay=weight_decay)
     return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)

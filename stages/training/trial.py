@@ -310,6 +310,8 @@ def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
     """
     import keras
 
+    from stages.training.fused_adam import keras_class
+
     state = _read_state(folder / CHECKPOINT_STATE)
     model_file = folder / CHECKPOINT_MODEL
     limit = MAX_MODEL_COPIES * 4 * model.count_params() + MAX_MODEL_OVERHEAD_BYTES
@@ -335,7 +337,8 @@ def restore_checkpoint(model, folder: Path, *, steps_per_epoch: int) -> int:
         # optimizers inside carry over, the loss scale starts afresh
         optimizer, saved_optimizer = _unwrapped(optimizer), _unwrapped(saved_optimizer)
     slots, saved_slots = _optimizer_slots(optimizer), _optimizer_slots(saved_optimizer)
-    if type(optimizer) is type(saved_optimizer) and [tuple(v.shape) for v in slots] == [
+    # Keras's Adam and our fused one hold the same state (a checkpoint from before the fused update)
+    if keras_class(optimizer) is keras_class(saved_optimizer) and [tuple(v.shape) for v in slots] == [
         tuple(v.shape) for v in saved_slots
     ]:
         for slot, saved_slot in zip(slots, saved_slots):
