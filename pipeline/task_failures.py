@@ -27,7 +27,7 @@ def task_failure(stage: str, error: BaseException) -> BaseException:
     if isinstance(error, ray.exceptions.OutOfMemoryError) or isinstance(cause, MemoryError):
         return PipelineError(
             f"stage {stage}: its process ran out of memory; give Ray's nodes more memory or ask for less "
-            "(smaller train.batch_size, evaluate.batch_size or data.max_train_images); `run --resume` continues"
+            "(smaller model.batch_size, evaluate.batch_size or data.max_train_images); `run --resume` continues"
         )
     if isinstance(cause, OSError):
         return _os_failure(stage, cause)

@@ -43,3 +43,19 @@ def test_a_failed_task_is_one_line_naming_its_stage(error, kind, line):
 def test_credentials_in_a_failing_path_are_masked():
     error = task_error(OSError(errno.EIO, "Input/output error", "s3://bucket/runs?secret_key=hunter2"))
     assert "hunter2" not in str(task_failure("train", error))
+
+
+def test_every_setting_a_failure_names_exists():
+    """The hints name settings to change: each must be one a config can set."""
+    import re
+
+    from pipeline.config import Config, dotted, to_plain
+
+    settings = set(dotted(to_plain(Config())))
+    errors = [task_error(MemoryError()), ray.exceptions.OutOfMemoryError("low on memory"),
+              task_error(OSError(errno.ENOSPC, "No space left on device", "/runs/r/metrics.json")),
+              task_error(PermissionError(errno.EACCES, "Permission denied", "/runs/r")),
+              ray.exceptions.WorkerCrashedError()]
+    setting = re.compile(r"\b(?:data|model|train|evaluate|run|ray)\.[a-z_]+")
+    named = {name for error in errors for name in setting.findall(str(task_failure("train", error)))}
+    assert "model.batch_size" in named and named <= settings, sorted(named - settings)
