@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUITES = ("throughput", "pipeline", "schedulers")
 # the issue-12 targets, as ratios measured in one invocation (benchmarks/README.md)
 MIN_EPOCH_VS_PLAIN_KERAS = 0.9
+MIN_TRIALS_VS_TF1, MIN_EPOCH_VS_MEDIAN = 1.0, 0.95  # issue 24: float32 trials against the seed's loop
 MIN_USEFUL_TRAINING = 0.85
 QUICK_TEST_ACCURACY, QUICK_WALL_SECONDS = 0.99, 240.0
 MAX_OVERHEAD_SECONDS = 15.0
@@ -152,6 +153,11 @@ def targets(results: dict) -> list[dict]:
             f"every epoch of {row['processes']}x{row['threads']} trials >= {MIN_EPOCH_VS_PLAIN_KERAS}x plain Keras",
             row["slowest_epoch_vs_plain_keras"], row["slowest_epoch_vs_plain_keras"] >= MIN_EPOCH_VS_PLAIN_KERAS,
         )
+        layout = f"{row['processes']}x{row['threads']}"
+        check(f"{layout} trials (float32) >= {MIN_TRIALS_VS_TF1}x the TF1 loop's median epoch",
+              row["median_vs_tf1"], row["median_vs_tf1"] >= MIN_TRIALS_VS_TF1)
+        check(f"every epoch of {layout} trials >= {MIN_EPOCH_VS_MEDIAN}x their median",
+              row["slowest_epoch_vs_median"], row["slowest_epoch_vs_median"] >= MIN_EPOCH_VS_MEDIAN)
     if run := results.get("pipeline"):
         check(f"useful training >= {MIN_USEFUL_TRAINING:.0%} of the run's wall time", run["useful_training_fraction"],
               run["useful_training_fraction"] >= MIN_USEFUL_TRAINING)
@@ -170,12 +176,13 @@ def table(results: dict) -> str:
     lines = []
     if rows := results.get("throughput"):
         lines += ["", f"{'trainer':<24}{'layout':>7}{'median/proc':>13}{'all procs':>11}{'slowest':>9}"
-                      f"{'vs Keras':>10}{'slowest vs':>12}  epochs (images/s)"]
+                      f"{'vs Keras':>10}{'slowest vs':>12}{'vs TF1':>8}  epochs (images/s)"]
         for row in rows:
             lines.append(
                 f"{row['name']:<24}{row['processes']}x{row['threads']:<5}{row['median_rate']:>13.0f}"
                 f"{row['aggregate_rate']:>11.0f}{row['slowest_epoch']:>9.0f}"
-                f"{row.get('median_vs_plain_keras', ''):>10}{row.get('slowest_epoch_vs_plain_keras', ''):>12}  "
+                f"{row.get('median_vs_plain_keras', ''):>10}{row.get('slowest_epoch_vs_plain_keras', ''):>12}"
+                f"{row.get('median_vs_tf1', ''):>8}  "
                 + " | ".join(" ".join(f"{rate:.0f}" for rate in rates) for rates in row["epoch_rates"])
             )
     if rate := results.get("input_pipeline_images_per_second"):

@@ -49,16 +49,21 @@ class Measurement:
     def slowest_epoch(self) -> float:
         return min(rate for rates in self.steady for rate in rates)
 
-    def record(self, reference: Measurement | None) -> dict:
+    def record(self, plain_keras: Measurement | None = None, tf1: Measurement | None = None) -> dict:
+        """The measurement as JSON; with the plain Keras and TF1 layouts of the same processes and threads, the
+        ratios to them."""
         row = asdict(self) | {
             "epoch_rates": [[round(rate, 1) for rate in rates] for rates in self.epoch_rates],
             "median_rate": round(self.median_rate, 1),
             "aggregate_rate": round(self.aggregate_rate, 1),
             "slowest_epoch": round(self.slowest_epoch, 1),
+            "slowest_epoch_vs_median": round(self.slowest_epoch / self.median_rate, 3),
         }
-        if reference is not None:  # the plain Keras layout with the same processes and threads
-            row["median_vs_plain_keras"] = round(self.median_rate / reference.median_rate, 3)
-            row["slowest_epoch_vs_plain_keras"] = round(self.slowest_epoch / reference.median_rate, 3)
+        if plain_keras is not None:
+            row["median_vs_plain_keras"] = round(self.median_rate / plain_keras.median_rate, 3)
+            row["slowest_epoch_vs_plain_keras"] = round(self.slowest_epoch / plain_keras.median_rate, 3)
+        if tf1 is not None:
+            row["median_vs_tf1"] = round(self.median_rate / tf1.median_rate, 3)
         return row
 
 
@@ -88,18 +93,21 @@ def plain(kind: str, dataset: Path, *, epochs: int, processes: int, threads: int
 
 def trials(splits: Splits, storage: Path, *, epochs: int, processes: int, threads: int) -> Measurement:
     """`processes` pipeline trials at once (stages.train: Tune, the object store, checkpoints every epoch), `threads`
-    CPUs each; the caller has started Ray with all the CPUs."""
+    CPUs each, in float32 like the plain trainers; the caller has started Ray with all the CPUs."""
     from stages.train import train
     from stages.training.hyperparameters import Hyperparameters
     from stages.training.train_settings import TrainSettings
 
     settings = TrainSettings(
-        epochs=epochs, num_samples=processes, scheduler="fifo", search_space={}, cpus_per_trial=threads
+        epochs=epochs, num_samples=processes, scheduler="fifo", search_space={}, cpus_per_trial=threads,
+        mixed_precision=False,
     )
     outcome = train(
         splits.train, splits.validation, base=Hyperparameters(), settings=settings, storage_path=str(storage),
         experiment_name=f"trials-{processes}x{threads}",
     )
+    if policies := {row["dtype_policy"] for row in outcome.history} - {"float32"}:
+        raise BenchmarkError(f"the trials computed in {', '.join(sorted(policies))}, not float32 as the others do")
     rates: dict[str, list[float]] = {}  # the outcome's history: one row per trial per epoch, in epoch order
     for row in outcome.history:
         rates.setdefault(row["trial_id"], []).append(row["images_per_second"])
@@ -128,22 +136,21 @@ def input_pipeline_rate(splits: Splits, *, passes: int = 3, batch_size: int = 12
 
 
 def run(splits: Splits, dataset: Path, storage: Path, *, cpus: int, epochs: int) -> list[dict]:
-    """Every layout of every trainer, one after the other (never two layouts at once)."""
+    """Every layout of every trainer, one after the other (never two layouts at once); each layout's three
+    trainers back to back, so that a machine whose speed drifts (a shared one) moves all three alike."""
     import ray
 
-    rows, plain_keras = [], {}
-    for processes, threads in layouts(cpus):
-        for kind in ("tf1", "keras"):
-            measured = plain(kind, dataset, epochs=epochs, processes=processes, threads=threads)
-            if kind == "keras":
-                plain_keras[processes, threads] = measured
-            rows.append(measured.record(None))
-            print(_line(measured), flush=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    rows = []
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # idle meanwhile
     try:
         for processes, threads in layouts(cpus):
+            references = {}
+            for kind in ("tf1", "keras"):
+                references[kind] = plain(kind, dataset, epochs=epochs, processes=processes, threads=threads)
+                rows.append(references[kind].record())
+                print(_line(references[kind]), flush=True)
             measured = trials(splits, storage, epochs=epochs, processes=processes, threads=threads)
-            rows.append(measured.record(plain_keras[processes, threads]))
+            rows.append(measured.record(references["keras"], references["tf1"]))
             print(_line(measured), flush=True)
     finally:
         ray.shutdown()

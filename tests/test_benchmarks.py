@@ -48,9 +48,15 @@ def test_throughput_measures_every_trainer_in_every_layout(results):
         assert len(row["epoch_rates"]) == row["processes"]
         assert all(len(rates) == EPOCHS and all(rate > 0 for rate in rates) for rates in row["epoch_rates"])
         assert row["slowest_epoch"] <= row["median_rate"] <= max(map(max, row["epoch_rates"]))
-        if row["name"] == "pipeline trials":  # set against plain Keras in the same layout
-            keras = next(r for r in rows if r["name"] == "plain Keras fit" and r["processes"] == row["processes"])
+        assert row["slowest_epoch_vs_median"] == pytest.approx(row["slowest_epoch"] / row["median_rate"], abs=2e-3)
+        if row["name"] == "pipeline trials":  # set against plain Keras and the TF1 loop in the same layout
+            keras, tf1 = (next(r for r in rows if r["name"] == name and r["processes"] == row["processes"])
+                          for name in ("plain Keras fit", "TF1 graph loop (seed)"))
             assert row["median_vs_plain_keras"] == pytest.approx(row["median_rate"] / keras["median_rate"], abs=2e-3)
+            assert row["median_vs_tf1"] == pytest.approx(row["median_rate"] / tf1["median_rate"], abs=2e-3)
+    targets = {check["target"] for check in data["targets"]}
+    assert {"1x2 trials (float32) >= 1.0x the TF1 loop's median epoch",
+            "every epoch of 2x1 trials >= 0.95x their median"} <= targets
     assert "TF1 graph loop (seed)" in stdout and "slowest vs" in stdout
     assert data["input_pipeline_images_per_second"] > 0 and "input pipeline alone" in stdout
 
