@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 RUN_MARKER = ".mnist-pipeline-run"
+# on a run root every node shares: one copy of each split, which the runs' data/manifest.json files reference
+SHARED_DATASETS = ".datasets"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class RunFolder:
 
     @property
     def data_dir(self) -> str:
-        """The dataset's splits (dataset.npz) and their manifest.json."""
+        """The manifest.json of the dataset's splits, which names the folder holding them (dataset.npz)."""
         return self._in_folder("data")
 
     @property

@@ -24,7 +24,7 @@ from pipeline.run_files import (
     read_metrics,
     set_aside_experiment,
 )
-from pipeline.run_folder import RunFolder, adopt_run_folder
+from pipeline.run_folder import SHARED_DATASETS, RunFolder, adopt_run_folder
 from pipeline.stage_records import StageRecords, changed_code, describe_changes, stage_inputs
 from pipeline.summary import STAGES, RunSummary, duration, summary_record
 from pipeline.task_failures import task_failure
@@ -42,6 +42,7 @@ from stages.common import storage
 from stages.common.errors import BadInputError, DataError
 from stages.common.redact import redact
 from stages.evaluation.metrics import RunMetrics
+from stages.preprocess import read_manifest
 from stages.train import EXPERIMENT_NAME
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class _StageRunner:
         self.seconds: dict[str, float] = {}  # a skipped stage: the time it took when it ran
         self.skipped: list[str] = []
         self._running: str | None = None  # the stage the driver waits for (named in failures that have no task)
+        self._expected_content: str | None = None  # the split a resumed run trained on, where it must be remade
 
     # ---- each stage: taken from the finished work of a resumed run, or run ----------------------------------------
 
@@ -127,6 +129,8 @@ class _StageRunner:
             self._get(refs[3])
         except DataError as error:
             log.warning("stage preprocess: %s; running it again", error)
+            # computed again, the split must be the one the run's trials trained on
+            self._expected_content = (read_manifest(self.run.data_dir) or {}).get("content_sha256")
             return None
         self._skip("download")
         self._skip("preprocess")
@@ -142,8 +146,11 @@ class _StageRunner:
 
     def preprocess(self, raw: ray.ObjectRef) -> SplitRefs:
         with self._timed("preprocess") as outputs:
+            shared = self.config.run.shared_filesystem or storage.is_uri(self.config.run.root)
             refs = self._task(preprocess_task, "preprocess").remote(
-                raw, self.config.data, self.config.run.seed, self.run.data_dir, self.level
+                raw, self.config.data, self.config.run.seed, self.run.data_dir,
+                storage.join(storage.parent_of(self.run.location), SHARED_DATASETS) if shared else None, self.level,
+                expected_content=self._expected_content,
             )
             manifest = self._get(refs[3])
             outputs.update(dataset_fingerprint=manifest["fingerprint"], node=manifest["node"])

@@ -58,23 +58,44 @@ def download_task(data: DataSection, log_level: int):
 
 
 @ray.remote(num_cpus=1, num_returns=4)
-def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level: int):
-    from stages.dataset.dataset_cache import cached_preprocess
-    from stages.preprocess import save_splits
+def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, shared_datasets: str | None, log_level: int,
+                    expected_content: str | None = None):
+    """The split, computed or taken from this node's cache. The run folder keeps no copy of its own: its manifest
+    references the copy in this node's cache or, on a run root that every node shares, the one copy of this split
+    under `shared_datasets` (<run.root>/.datasets). `expected_content`: the content_sha256 of the split a resumed
+    run trained on, whose copy was gone; a split computed again must be that one."""
+    from stages.common import storage
+    from stages.common.errors import DataError
+    from stages.dataset.dataset_cache import cached_folder, cached_preprocess
+    from stages.preprocess import content_sha256, load_verified_splits, save_reference, save_splits
 
     _worker_logging(log_level)
+    cache_dir = Path(data.cache_dir).expanduser()  # this node's own cache
     splits, info, _ = cached_preprocess(
         raw,
-        Path(data.cache_dir).expanduser(),  # this node's own cache
+        cache_dir,
         validation_size=data.validation_size,
         seed=seed,
         max_train_images=data.max_train_images,
         max_test_images=data.max_test_images,
     )
-    save_splits(splits, info, data_dir)  # the run folder keeps its own copy: it must stand on its own
+    info = {**info, "content_sha256": content_sha256(splits)}
+    if expected_content is not None and info["content_sha256"] != expected_content:
+        raise DataError(
+            f"{redact(data_dir)}: the split computed again (content {info['content_sha256'][:12]}) is not the one "
+            f"this run trained on ({expected_content[:12]}); start a new run"
+        )
+    if shared_datasets is None:
+        folder = reference = str(cached_folder(cache_dir, info["fingerprint"]).resolve())
+    else:  # <run.root>/.datasets/<fingerprint>, named from data/ without the root's URI and its query
+        folder = storage.join(shared_datasets, info["fingerprint"])
+        reference = f"../../{storage.name_of(shared_datasets)}/{info['fingerprint']}"
+        if load_verified_splits(folder, follow=False) is None:
+            save_splits(splits, info, folder)
+    info = save_reference(info, data_dir, reference)
     log.info(
-        "dataset: %d train, %d validation, %d test images -> %s",
-        len(splits.train), len(splits.validation), len(splits.test), redact(data_dir),
+        "dataset: %d train, %d validation, %d test images in %s",
+        len(splits.train), len(splits.validation), len(splits.test), redact(folder),
     )
     return splits.train, splits.validation, splits.test, {**info, "node": ray.get_runtime_context().get_node_id()}
 
@@ -83,7 +104,7 @@ def preprocess_task(raw, data: DataSection, seed: int, data_dir: str, log_level:
 def load_splits_task(data_dir: str, log_level: int):
     """The splits a finished preprocess stage wrote into the run folder (a resumed run)."""
     from stages.common.errors import DataError
-    from stages.preprocess import load_verified_splits
+    from stages.preprocess import load_verified_splits, referenced_folder
 
     _worker_logging(log_level)
     try:
@@ -91,6 +112,8 @@ def load_splits_task(data_dir: str, log_level: int):
     except Exception as error:  # arrays that match the manifest's checksum yet not its format: both rewritten
         raise DataError(f"{redact(data_dir)}: the dataset cannot be read ({type(error).__name__})") from None
     if loaded is None:
+        if folder := referenced_folder(data_dir):
+            raise DataError(f"the dataset {redact(data_dir)} references in {redact(folder)} is gone or changed")
         raise DataError(f"{redact(data_dir)} holds no complete dataset matching its manifest")
     splits, info = loaded
     return splits.train, splits.validation, splits.test, info

@@ -115,11 +115,23 @@ def manifest(splits: Splits, raw: RawData, *, validation_size: int, seed: int) -
         "seed": seed,
         "validation_size": validation_size,
         "source_sha256": raw.sha256,
+        "content_sha256": content_sha256(splits),
         "splits": {
             name: {"shape": list(split.images.shape), "class_counts": split.class_counts()}
             for name, split in _named(splits)
         },
     }
+
+
+def content_sha256(splits: Splits) -> str:
+    """sha256 over the arrays themselves (names, shapes, types, bytes): the same split has the same digest in any
+    copy, however it was written (another numpy, another npz layout)."""
+    digest = hashlib.sha256()
+    for name, split in _named(splits):
+        for array in (split.images, split.labels):
+            digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def save_splits(splits: Splits, info: dict, location: str) -> dict:
@@ -139,22 +151,71 @@ def save_splits(splits: Splits, info: dict, location: str) -> dict:
     return info
 
 
+def save_reference(info: dict, location: str, dataset_folder: str) -> dict:
+    """Writes only `manifest.json` into the folder or URI `location`: `info` (a manifest that names the split's
+    content_sha256) and the folder where `save_splits` wrote the split, instead of a copy of its own: an absolute
+    path, or one relative to `location` ("../../.datasets/<fingerprint>": a URI's query, which may hold
+    credentials, is not written down). Returns the manifest."""
+    info = {key: value for key, value in info.items() if key != "dataset_sha256"} | {"dataset_folder": dataset_folder}
+    storage.write_json(storage.join(location, "manifest.json"), info)
+    return info
+
+
 def load_splits(dataset: str | Path) -> Splits:
     """Reads what `save_splits` wrote."""
     return _splits_from(storage.read_bytes(str(dataset)))
 
 
-def load_verified_splits(location: str) -> tuple[Splits, dict] | None:
-    """What `save_splits` wrote into the folder or URI `location`, if its manifest is there and the dataset matches
-    the manifest's checksum; None otherwise (never written, interrupted, or changed since)."""
-    try:
-        info = json.loads(storage.read_bytes(storage.join(location, "manifest.json")))
-        data = storage.read_bytes(storage.join(location, "dataset.npz"))
-    except (OSError, ValueError):
+def load_verified_splits(location: str, *, follow: bool = True) -> tuple[Splits, dict] | None:
+    """What `save_splits` (or `save_reference`) wrote into the folder or URI `location`, with its manifest: the
+    dataset if it matches the manifest's checksum; for a reference, the referenced folder's dataset if its content
+    is the one the manifest names. None otherwise (never written, interrupted, changed or gone since)."""
+    info = read_manifest(location)
+    if info is None:
         return None
-    if not isinstance(info, dict) or hashlib.sha256(data).hexdigest() != info.get("dataset_sha256"):
+    if "dataset_folder" in info:
+        folder = resolve_reference(location, info["dataset_folder"])
+        loaded = load_verified_splits(folder, follow=False) if follow and folder is not None else None
+        if loaded is None or content_sha256(loaded[0]) != info.get("content_sha256"):
+            return None
+        return loaded[0], info
+    try:
+        data = storage.read_bytes(storage.join(location, "dataset.npz"))
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != info.get("dataset_sha256"):
         return None
     return _splits_from(data), info
+
+
+def referenced_folder(location: str) -> str | None:
+    """The folder whose dataset the manifest in `location` references; None for a copy of its own or no manifest."""
+    return resolve_reference(location, (read_manifest(location) or {}).get("dataset_folder"))
+
+
+def resolve_reference(location: str, folder: object) -> str | None:
+    """`folder` as a manifest in `location` names it: an absolute path as it is, a relative one from `location`
+    (its ".." steps up, keeping a URI's query); None for anything else."""
+    if not isinstance(folder, str) or not folder or storage.is_uri(folder):
+        return None
+    if Path(folder).is_absolute():
+        return folder
+    resolved = location
+    for part in folder.split("/"):
+        if part == "..":
+            resolved = storage.parent_of(resolved)
+        elif part not in ("", "."):
+            resolved = storage.join(resolved, part)
+    return resolved
+
+
+def read_manifest(location: str) -> dict | None:
+    """The manifest.json in the folder or URI `location`; None where there is none that parses as an object."""
+    try:
+        info = json.loads(storage.read_bytes(storage.join(location, "manifest.json")))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def _splits_from(npz: bytes) -> Splits:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_data import dataset_file
 
 REPO = Path(__file__).resolve().parent.parent
 OTHER_ID = 54321  # a user and group id that no account here has
@@ -342,7 +343,7 @@ def test_resume_runs_again_what_is_damaged(finished, tmp_path):
     model = (finished / "model" / "model.keras").read_bytes()
     (run / "model" / "model.keras").write_bytes(model[: len(model) // 3])
     (run / "summary.json").write_bytes(b"\x00\x01garbage")
-    (run / "data" / "dataset.npz").write_bytes(b"damaged")
+    shutil.rmtree(dataset_file(run).parent)  # the split it references, in the node's cache: gone
     state = next((run / "tune").glob("experiment_state-*.json"))
     state.write_bytes(state.read_bytes()[:400])
 
@@ -351,7 +352,7 @@ def test_resume_runs_again_what_is_damaged(finished, tmp_path):
     assert result.returncode == 0, log[-3000:]
     assert "Traceback" not in log
     assert f"stage evaluate: {run / 'metrics.json'}: not valid JSON" in log
-    assert "stage preprocess: started" in log and "stage preprocess: done" in log
+    assert "stage preprocess: started" in log and "stage preprocess: done" in log and "is gone or changed" in log
     assert "Tune experiment cannot be" in log and "stage train: done" in log
     assert "stage evaluate: done" in log
     (kept,) = run.glob("tune.damaged-*")
@@ -367,7 +368,7 @@ def assert_whole(run: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_accuracy"] == metrics["test_accuracy"] and summary["trials"] == 1
-    with np.load(run / "data" / "dataset.npz") as dataset:
+    with np.load(dataset_file(run)) as dataset:
         images, labels = dataset["test_images"], dataset["test_labels"]
     model = keras.models.load_model(run / "model" / "model.keras", safe_mode=True)
     accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))

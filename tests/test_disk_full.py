@@ -60,12 +60,14 @@ def run_on(root, tmp_path, mnist_mirror, *sets):
 
 def test_disk_full_while_writing_the_dataset(tmp_path, small_disk, mnist_mirror):
     tiny_disk = small_disk("1m")
-    error = run_on(tiny_disk, tmp_path, mnist_mirror)
+    # a run root every node shares holds the one copy of the split, in <run.root>/.datasets/
+    error = run_on(tiny_disk, tmp_path, mnist_mirror, "run.shared_filesystem=true")
     # the split (3,000 images, 2.4 MB) does not fit on the 1 MiB disk
-    assert error == (
-        f"mnist-pipeline: error: cannot write {tiny_disk / 'full' / 'data' / 'dataset.npz'}: No space left on device"
-    )
-    assert (tiny_disk / "full" / "config.yaml").exists() and not (tiny_disk / "full" / "data" / "dataset.npz").exists()
+    (fingerprint,) = [path.name for path in (tmp_path / "cache" / "datasets").iterdir()]  # cached beside: same one
+    copy = tiny_disk / ".datasets" / fingerprint / "dataset.npz"
+    assert error == f"mnist-pipeline: error: cannot write {copy}: No space left on device"
+    assert (tiny_disk / "full" / "config.yaml").exists() and not copy.exists()
+    assert not (tiny_disk / "full" / "data" / "manifest.json").exists()
 
 
 def test_disk_full_while_tune_checkpoints(tmp_path, small_disk, mnist_mirror):

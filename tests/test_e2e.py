@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_data import dataset_file
 
 pytestmark = pytest.mark.e2e
 
@@ -49,10 +50,13 @@ def test_the_run_folder_holds_every_artifact(finished_run):
     folder, _ = finished_run
     for artifact in [
         "config.yaml", "pipeline.log", "summary.json", "metrics.json",
-        "data/dataset.npz", "data/manifest.json", "model/model.keras", "model/hyperparameters.json", "tune",
+        "data/manifest.json", "model/model.keras", "model/hyperparameters.json", "tune",
     ]:
         assert (folder / artifact).exists(), artifact
     assert not list(folder.rglob("*.part*")), "temporary files left behind"
+    # the split: referenced in the node's cache, not copied into the run folder
+    assert os.listdir(folder / "data") == ["manifest.json"]
+    assert dataset_file(folder).parent.parent == (folder.parent.parent / "cache" / "datasets").resolve()
 
 
 def test_summary_is_printed_then_the_quality_gate_fails_the_run(finished_run):
@@ -101,7 +105,7 @@ def test_metrics_agree_with_the_exported_model(finished_run):
 
     folder, _ = finished_run
     metrics = json.loads((folder / "metrics.json").read_text())
-    with np.load(folder / "data" / "dataset.npz") as dataset:
+    with np.load(dataset_file(folder)) as dataset:
         images, labels = dataset["test_images"], dataset["test_labels"]
     assert len(labels) == 1000 == metrics["test_images"]
     model = keras.models.load_model(folder / "model" / "model.keras", safe_mode=True)
@@ -123,7 +127,8 @@ def test_manifest_describes_the_slice(finished_run):
     manifest = json.loads((folder / "data" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shape"] == [2500, 28, 28]
     assert manifest["splits"]["validation"]["shape"] == [500, 28, 28]
-    assert manifest["seed"] == 0 and len(manifest["fingerprint"]) == 64 and len(manifest["dataset_sha256"]) == 64
+    assert manifest["seed"] == 0 and len(manifest["fingerprint"]) == 64 and len(manifest["content_sha256"]) == 64
+    assert Path(manifest["dataset_folder"]).name == manifest["fingerprint"]
 
 
 def test_the_report_shows_the_run(finished_run):
@@ -177,7 +182,7 @@ def test_predict_reads_digits_as_people_have_them(finished_run, tmp_path):
     from PIL import Image
 
     folder, _ = finished_run
-    with np.load(folder / "data" / "dataset.npz") as dataset:
+    with np.load(dataset_file(folder)) as dataset:
         images, labels = dataset["test_images"], dataset["test_labels"]
     model = keras.models.load_model(folder / "model" / "model.keras", safe_mode=True)
     probabilities = model.predict(images[:200], verbose=0)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from private_disks import missing_prerequisites
 from ray_nodes import RAY, Node, RayNodes
+from run_data import dataset_file
 
 REPO = Path(__file__).resolve().parent.parent
 why_not = missing_prerequisites()
@@ -97,11 +98,14 @@ def test_trials_spread_over_nodes_that_share_only_the_run_root(cluster, mnist_mi
         trial_folder = next((folder / "tune").glob(f"*{trial['trial_id']}*"))
         assert list(trial_folder.glob("events.out.tfevents.*")), f"no TensorBoard file from {trial['trial_id']}"
         assert list(trial_folder.glob("checkpoint_*/model.keras"))
-    for artifact in ("pipeline.log", "report.html", "summary.json", "data/dataset.npz", "model/model.keras"):
+    for artifact in ("pipeline.log", "report.html", "summary.json", "data/manifest.json", "model/model.keras"):
         assert (folder / artifact).is_file(), artifact
+    # the split: one copy on the shared run root, which the run references (node 2's cache is not shared)
+    dataset = dataset_file(folder)
+    assert dataset.parent.parent == folder.parent / ".datasets" and not (folder / "data" / "dataset.npz").exists()
     import keras
 
-    with np.load(folder / "data" / "dataset.npz") as dataset:
+    with np.load(dataset) as dataset:
         images, labels = dataset["test_images"], dataset["test_labels"]
     model = keras.models.load_model(folder / "model" / "model.keras", safe_mode=True)
     accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))
@@ -109,13 +113,14 @@ def test_trials_spread_over_nodes_that_share_only_the_run_root(cluster, mnist_mi
 
     # resumed with its dataset damaged and its metrics lost: preprocess runs again, downloading on node 1 and
     # handing over through Ray once more (nothing is read from the driver's disk); training is kept
-    (folder / "data" / "dataset.npz").write_bytes(b"damaged")
+    dataset_file(folder).write_bytes(b"damaged")
     (folder / "metrics.json").unlink()
     resumed = run_on_head(cluster, ["python", "-m", "pipeline", "run", "--resume", str(folder),
                                     "--address", cluster.address], timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "stage preprocess: started" in resumed.stderr and "stage train: finished earlier" in resumed.stderr
-    with np.load(folder / "data" / "dataset.npz") as dataset:
+    assert "is gone or changed" in resumed.stderr
+    with np.load(dataset_file(folder)) as dataset:
         assert np.array_equal(dataset["test_labels"], labels)
 
 

@@ -87,3 +87,41 @@ def test_an_identical_split_is_reused_from_the_cache_and_verified(raw_data, tmp_
     third, _, reused = cached_preprocess(raw_data, tmp_path, **settings)
     assert not reused and np.array_equal(third.train.labels, first.train.labels)
     assert len(list((tmp_path / "datasets").iterdir())) == 2
+
+
+def test_a_run_references_its_split_and_takes_it_only_with_the_same_content(raw_data, tmp_path):
+    """data/manifest.json names the folder of the copy (absolute, or relative to data/) and the split's content
+    digest: a copy with that content serves; a damaged, gone or other split, a reference to a reference, or a URI
+    named in the manifest do not."""
+    import shutil
+
+    from stages.preprocess import content_sha256, load_verified_splits, referenced_folder, save_reference
+
+    small = preprocess(raw_data, validation_size=100, seed=0, max_train_images=1000, max_test_images=300)
+    info = manifest(small, raw_data, validation_size=100, seed=0)
+    assert info["content_sha256"] == content_sha256(small)
+    shared = tmp_path / "root" / ".datasets" / "abc"
+    save_splits(small, info, str(shared))
+    data = tmp_path / "root" / "run" / "data"
+    save_reference(info, str(data), "../../.datasets/abc")
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json"]
+    assert referenced_folder(str(data)) == str(shared)
+    loaded, read_info = load_verified_splits(str(data))
+    assert np.array_equal(loaded.test.images, small.test.images)
+    assert read_info["dataset_folder"] == "../../.datasets/abc" and "dataset_sha256" not in read_info
+
+    other = preprocess(raw_data, validation_size=100, seed=1, max_train_images=1000, max_test_images=300)
+    save_splits(other, manifest(other, raw_data, validation_size=100, seed=1), str(shared))  # another split there
+    assert load_verified_splits(str(data)) is None
+    shutil.rmtree(shared)  # gone
+    assert load_verified_splits(str(data)) is None
+
+    absolute = tmp_path / "cache" / "datasets" / "abc"
+    save_splits(small, info, str(absolute))
+    save_reference(info, str(data), str(absolute))
+    assert load_verified_splits(str(data)) is not None
+    chained = tmp_path / "chained"
+    save_reference(info, str(chained), str(data))  # a reference to a reference: never followed
+    assert load_verified_splits(str(chained)) is None
+    save_reference(info, str(chained), "s3://bucket/datasets/abc")
+    assert load_verified_splits(str(chained)) is None and referenced_folder(str(chained)) is None

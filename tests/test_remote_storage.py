@@ -75,9 +75,10 @@ def test_a_run_on_object_storage(s3_root, tmp_path, mnist_mirror):
         for info in filesystem.get_file_info(pyarrow.fs.FileSelector("runs/experiments/remote", recursive=True))
         if info.type == pyarrow.fs.FileType.File
     }
-    for artifact in ["config.yaml", "pipeline.log", "summary.json", "metrics.json", "data/dataset.npz",
+    for artifact in ["config.yaml", "pipeline.log", "summary.json", "metrics.json",
                      "data/manifest.json", "model/model.keras", "model/hyperparameters.json"]:
         assert artifact in files, artifact
+    assert "data/dataset.npz" not in files, "the run keeps a copy of its own beside the bucket's one"
     assert any(name.startswith("tune/") and name.endswith("checkpoint_000001/model.keras") for name in files)
     assert not (REPO / "s3:").exists(), "a URI root was mistaken for a local folder"
 
@@ -92,7 +93,12 @@ def test_a_run_on_object_storage(s3_root, tmp_path, mnist_mirror):
     model_file = tmp_path / "model.keras"
     model_file.write_bytes(read("model/model.keras"))
     model = keras.models.load_model(model_file, safe_mode=True)
-    with np.load(io.BytesIO(read("data/dataset.npz"))) as dataset:
+    # the split: once in the bucket, under the run root's .datasets/, named without the root's URI and query
+    manifest = json.loads(read("data/manifest.json"))
+    assert manifest["dataset_folder"] == f"../../.datasets/{manifest['fingerprint']}"
+    with filesystem.open_input_stream(f"runs/experiments/.datasets/{manifest['fingerprint']}/dataset.npz") as source:
+        npz = source.read()
+    with np.load(io.BytesIO(npz)) as dataset:
         images, labels = dataset["test_images"], dataset["test_labels"]
     accuracy = float(np.mean(model.predict(images, verbose=0).argmax(axis=1) == labels))
     assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_data import dataset_file
 
 pytestmark = pytest.mark.e2e
 
@@ -184,7 +185,7 @@ def check_finished_run(result, folder, cache):
     import keras
 
     metrics = json.loads((folder / "metrics.json").read_text())
-    with np.load(folder / "data" / "dataset.npz") as dataset:
+    with np.load(dataset_file(folder)) as dataset:
         images, labels = dataset["test_images"], dataset["test_labels"]
     model = keras.models.load_model(folder / "model" / "model.keras", safe_mode=True)
     predicted = model.predict(images, batch_size=500, verbose=0).argmax(axis=1)

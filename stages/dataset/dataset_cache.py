@@ -26,6 +26,11 @@ def fingerprint(raw: RawData, **settings) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def cached_folder(cache_dir: Path, key: str) -> Path:
+    """Where the split with fingerprint `key` is cached under `cache_dir`."""
+    return cache_dir / "datasets" / key
+
+
 def cached_preprocess(raw: RawData, cache_dir: Path, **settings) -> tuple[preprocess.Splits, dict, bool]:
     """`preprocess.preprocess(raw, **settings)`, or the verified split an earlier run made with the same inputs.
 
@@ -33,7 +38,7 @@ def cached_preprocess(raw: RawData, cache_dir: Path, **settings) -> tuple[prepro
       (splits, manifest, whether the split came from the cache).
     """
     key = fingerprint(raw, **settings)
-    folder = cache_dir / "datasets" / key
+    folder = cached_folder(cache_dir, key)
     cached = preprocess.load_verified_splits(str(folder))
     if cached is None or cached[1].get("fingerprint") != key:
         if (folder / "manifest.json").exists():
