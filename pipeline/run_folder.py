@@ -41,6 +41,7 @@ class RunFolder:
     artifacts lies in it (paths or URIs alike); a lock file, .lock, beside them (run_lock)."""
 
     location: str
+    made_root: str | None = None  # the topmost folder of run.root that create_run_folder made (removed with the run)
 
     @property
     def run_id(self) -> str:
@@ -135,6 +136,7 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
         _write_marker(run)
         return run
     root_path = Path(root).expanduser().resolve()
+    missing = [folder for folder in [root_path, *root_path.parents] if not folder.exists()]
     try:
         root_path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -152,11 +154,11 @@ def create_run_folder(root: str, run_id: str | None) -> RunFolder:
         log.info("run %s: reusing its folder, left by a start that was killed before the run began", run_id)
     except OSError as error:
         raise BadInputError(f"cannot create the run folder {folder}: {error.strerror}") from None
-    run = RunFolder(str(folder))
+    run = RunFolder(str(folder), made_root=str(missing[-1]) if missing else None)
     try:
         _write_marker(run)
     except BaseException:
-        folder.rmdir()
+        remove_empty_run_folder(run)
         raise
     return run
 
@@ -260,7 +262,7 @@ def run_lock(run: RunFolder) -> Iterator[None]:
 
 
 def remove_empty_run_folder(run: RunFolder) -> None:
-    """Undoes create_run_folder for a run refused before it wrote anything."""
+    """Undoes create_run_folder for a run refused before it wrote anything, the run.root it made included."""
     if storage.is_uri(run.location):
         import pyarrow.fs
 
@@ -273,3 +275,12 @@ def remove_empty_run_folder(run: RunFolder) -> None:
     Path(run.marker_file).unlink(missing_ok=True)
     Path(run.location, LOCK_FILE).unlink(missing_ok=True)
     Path(run.location).rmdir()
+    if run.made_root is None:
+        return
+    for folder in Path(run.location).parents:  # the run.root folders it made, if nothing else went in since
+        if not folder.is_relative_to(run.made_root):
+            break
+        try:
+            folder.rmdir()
+        except OSError:
+            break

@@ -48,7 +48,7 @@ def assert_refused_before_the_run(result, runs: Path, *expected: str, code: int 
     assert lines[-1].startswith("mnist-pipeline: error: "), result.stderr[-2000:]
     assert all(text in lines[-1] for text in expected), lines[-1]
     assert "Traceback" not in result.stderr and "\x1b[" not in lines[-1]
-    assert not runs.exists() or not any(runs.iterdir()), f"left {list(runs.iterdir())}"
+    assert not runs.exists(), f"left {runs} ({list(runs.iterdir())})"  # run.root too: the run made it
 
 
 def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -93,6 +93,18 @@ def test_a_dead_address_given_on_the_command_line_ends_in_seconds(tmp_path):
     runs = tmp_path / "runs"
     result = run_cli("run", "--set", f"run.root={runs}", "--address", f"127.0.0.1:{closed_port()}")
     assert_refused_before_the_run(result, runs, "no Ray cluster answers there", "connection refused")
+
+
+def test_address_auto_without_a_cluster_leaves_no_run_root(tmp_path):
+    """`--address auto` passes the reachability check (there is nothing to dial) and fails in ray.init: the run
+    folder and the run.root folders the run made are removed; a root that was there before is kept."""
+    runs = tmp_path / "new" / "runs"
+    result = run_cli("run", "--set", f"run.root={runs}", "--address", "auto")
+    assert_refused_before_the_run(result, tmp_path / "new", "ray.address=auto", "Could not find any running Ray")
+    kept = tmp_path / "kept"
+    (kept / "other").mkdir(parents=True)
+    result = run_cli("run", "--set", f"run.root={kept}", "--address", "auto")
+    assert result.returncode == 2 and sorted(path.name for path in kept.iterdir()) == ["other"]
 
 
 @pytest.mark.parametrize("value", ["http://head:8265", "head:99999", "a b:1"])
