@@ -293,7 +293,8 @@ def _run(config, *, resume: bool = False) -> int:
                     log.info("Ray dashboard: %s", dashboard)
                 check_search(config)
                 try:
-                    summary = run_pipeline(config, run, resume=resume, tracking=tracking)
+                    summary = run_pipeline(config, run, resume=resume, tracking=tracking,
+                                           training_over=tees[0].end_live_line)
                 except BaseException:
                     if STOP.signum is not None:
                         stop_tune(run)

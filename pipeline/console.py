@@ -251,6 +251,11 @@ class Tee(io.TextIOBase):
                 self._line(line + "\n")
         return len(text)
 
+    def end_live_line(self) -> None:
+        """Removes the live line for good (the training is over): what follows is written as plain lines."""
+        if self._live is not None:
+            self._live.close()
+
     def show(self, text: str) -> None:
         """Writes to the console only (above the live line; colour codes off a terminal)."""
         with self._lock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracking=None) -> RunSummary:
+def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracking=None,
+                 training_over: Callable[[], None] | None = None) -> RunSummary:
     """download → preprocess → train → evaluate, each a Ray task; artifacts go to `run`.
 
     Each finished stage is recorded in the run's stages.json. With `resume`, a stage recorded as finished with the
@@ -60,6 +61,7 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracki
     experiment is moved aside (tune.damaged-<time>/), never deleted, and train starts anew.
 
     With `tracking` (pipeline.tracking), every trial gets a child run of its parent run on the MLflow server.
+    `training_over` is called once the train stage is done or skipped (the console ends its live line).
 
     Raises:
       PipelineError: a stage failed in a way worth one line.
@@ -77,6 +79,8 @@ def run_pipeline(config: Config, run: RunFolder, *, resume: bool = False, tracki
         outcome = runner.earlier_training()
         if outcome is None:
             outcome = runner.train(splits)
+        if training_over is not None:
+            training_over()
         metrics = runner.evaluate(outcome, splits)
     summary = RunSummary(run.run_id, run.location, metrics, {name: runner.seconds[name] for name in STAGES},
                          runner.skipped)

@@ -285,6 +285,29 @@ def test_cuda_complaints_show_where_gpus_were_asked_for_and_verbose_shows_everyt
     assert shown == logged
 
 
+def test_the_live_line_ends_with_the_training():
+    """After end_live_line (the train stage is over) what follows is written without the live line around it."""
+    import io
+
+    from pipeline.console import Tee
+    from pipeline.live_view import LiveLine
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    console = Terminal()
+    tee = Tee(console, live=LiveLine(console, width=400))
+    for line in SEARCH:
+        print(line, file=tee)
+    assert "training: " in console.getvalue()
+    tee.end_live_line()
+    ended = len(console.getvalue())
+    for line in ["stage evaluate: started", "run r finished in 1m", "  best trial: 08426_00001"]:
+        print(line, file=tee)
+    assert console.getvalue()[ended:] == "stage evaluate: started\nrun r finished in 1m\n  best trial: 08426_00001\n"
+
+
 def test_on_a_terminal_the_epoch_lines_become_one_live_line_under_the_others():
     shown, _ = tee_fed(SEARCH + [REAL_ERROR], terminal=True)
     screen = _screen(shown)

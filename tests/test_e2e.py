@@ -432,3 +432,5 @@ def test_on_a_terminal_the_search_is_one_live_line_with_an_eta(tmp_path, mnist_m
     for noise in ["cuInit", "Token authentication", "Trial status:"]:
         assert noise not in text, noise
     assert "run tty finished in" in text
+    # once training is over the live line is gone: evaluate's lines and the summary come as plain lines
+    assert "training:" not in text.split("stage evaluate: started", 1)[1]
