@@ -2,9 +2,10 @@
 
 Keras 3's Adam writes its update as a dozen element-wise ops per variable (casts, both moments, the square root, the
 division, three assignments). On a CPU each one walks the whole variable, and this CNN's dense layer holds 3.2M of
-its 3.3M weights, so the update was a tenth of every training step. ResourceApplyAdam does the same arithmetic in
-one pass. Measured 2026-12-08 (Intel Xeon, 2 CPUs, float32, the classic CNN, 12,800-image epochs, img/s):
-2 processes x 1 thread 1,401 -> 1,474; 1 process x 2 threads +10 % (see benchmarks/, suite `throughput`).
+its 3.3M weights. ResourceApplyAdam does the same arithmetic in one pass. Measured 2026-12-08, back to back (2 CPUs
+of an Intel Xeon, the classic CNN, 12,800-image epochs, img/s): float32 +5 % (2 processes x 1 thread) to +10-19 %
+(1 process x 2 threads); bfloat16 compute about 1.4x, the update being a larger share of a faster step
+(benchmarks/README.md).
 
 Same algorithm and hyperparameters; same variables (momentums, velocities, iterations), so a checkpoint's optimizer
 state carries over between this class and Keras's (`keras_class`); same decoupled weight decay, which Keras applies
