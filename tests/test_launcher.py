@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from netns_hosts import VENV_BIN, NetnsHosts, missing_prerequisites
+from run_data import dataset_file
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = f"{VENV_BIN}/ray"
@@ -173,7 +174,7 @@ def test_ray_up_submit_down_on_three_hosts_sharing_only_the_run_root(tmp_path, m
         bare = launcher.ray("submit", "--no-config-cache", "pipeline", timeout=900)
         assert bare.returncode == 0, bare.stdout[-4000:] + bare.stderr[-4000:]
         assert f"run --config {submit_config}" in bare.stdout + bare.stderr
-        (bare_run,) = [folder for folder in runs.iterdir() if folder.is_dir()]
+        (bare_run,) = [folder for folder in runs.iterdir() if (folder / ".mnist-pipeline-run").is_file()]
         assert f"run {bare_run.name} finished" in bare.stdout
 
         # ... and the README's form, with a config of the project relative to the head's home
@@ -207,7 +208,10 @@ def test_ray_up_submit_down_on_three_hosts_sharing_only_the_run_root(tmp_path, m
 
     # What the hosts wrote outside the run root stayed on their own disks
     assert sorted(p.name for p in shared.iterdir()) == ["runs", "submit-config.yaml"]
-    assert sorted(p.name for p in runs.iterdir()) == sorted([bare_run.name, "explicit"])
+    assert sorted(p.name for p in runs.iterdir()) == sorted([bare_run.name, "explicit", ".datasets"])
+    # the splits: once each on the shared root, where both runs' manifests point (no copy in the run folders)
+    copies = {dataset_file(run).parent for run in (bare_run, runs / "explicit")}
+    assert copies == set((runs / ".datasets").iterdir()) and all((copy / "dataset.npz").is_file() for copy in copies)
     leaked = [p for p in shared.rglob("*") if "ubyte" in p.name or p.name in (".cache", "mnist-pipeline", ".ray")]
     assert not leaked, f"the download cache or Ray's files in the shared folder: {leaked}"
     (downloaded, preprocessed), (downloaded_too, preprocessed_too) = data_nodes(bare_run), data_nodes(runs / "explicit")
